@@ -1,0 +1,1 @@
+"""Instruct Edit training package: fine-tuning, evaluation and training-data generation."""
