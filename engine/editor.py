@@ -85,6 +85,9 @@ class Editor:
         if self.pipe.unet.dtype != self.dtype:
             self.pipe.to(dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
+        # NHWC convolutions: ~20 % faster for the UNet on CPUs (oneDNN) and on tensor-core GPUs.
+        self.pipe.unet.to(memory_format=torch.channels_last)
+        self.pipe.vae.to(memory_format=torch.channels_last)
         self._offloaded = False
         self._apply_memory_plan(0)
         self._lock = threading.Lock()
