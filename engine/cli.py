@@ -41,6 +41,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="attention slicing / VAE tiling / model CPU offload (auto decides from VRAM and size)",
     )
     parser.add_argument(
+        "--model-config", default=None, metavar="DIR|ID",
+        help="for a single-file checkpoint: the diffusers folder or hub id whose configs it uses "
+             f"(default: {DEFAULT_MODEL} from the cache)",
+    )
+    parser.add_argument(
         "--allow-pickle", action="store_true",
         help="allow pickle-based .ckpt/.bin files, which can run code when loaded (trusted files only)",
     )
@@ -168,6 +173,7 @@ def run_edit(args: argparse.Namespace) -> int:
     editor = Editor(
         args.model, device=args.device, dtype=args.dtype,
         allow_pickle=args.allow_pickle, memory_saving=args.memory_saving,
+        model_config=args.model_config,
     )
     progress = None
     if not args.quiet:

@@ -71,6 +71,7 @@ class Editor:
         dtype: str = "auto",
         allow_pickle: bool = False,
         memory_saving: str = "auto",
+        model_config: str | None = None,
         pipeline: StableDiffusionInstructPix2PixPipeline | None = None,
     ) -> None:
         self.device = resolve_device(device)
@@ -80,7 +81,7 @@ class Editor:
         plan_memory(memory_saving, self.device, 0)  # validates the name early
         self.model_name = str(model) if model is not None else None
         self.pipe = pipeline if pipeline is not None else load_pipeline(
-            model, dtype=self.dtype, allow_pickle=allow_pickle
+            model, dtype=self.dtype, allow_pickle=allow_pickle, config=model_config
         )
         if self.pipe.unet.dtype != self.dtype:
             self.pipe.to(dtype=self.dtype)

@@ -108,3 +108,14 @@ def test_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
 def test_help_has_examples() -> None:
     result = run_cli("edit", "--help")
     assert result.returncode == 0 and "examples:" in result.stdout and "--image-guidance" in result.stdout
+
+
+def test_single_file_checkpoint_with_its_config(tmp_path: Path, picture: Path, tiny_model_dir: Path) -> None:
+    from engine.testing import build_tiny_pipeline
+    from engine.testing_ldm import save_as_ldm_single_file
+
+    checkpoint = save_as_ldm_single_file(build_tiny_pipeline(), tmp_path / "tiny.safetensors")
+    out = tmp_path / "single.png"
+    code = main(["edit", str(picture), "-i", "make it red", "-o", str(out), "--model", str(checkpoint),
+                 "--model-config", str(tiny_model_dir), "--steps", "1", "--resolution", "64", "--quiet"])
+    assert code == 0 and Image.open(out).size == (70, 45)
