@@ -1,0 +1,177 @@
+"""ManagedEngine: starts and watches a local `instruct-edit serve` process.
+
+The engine picks a free port (`--port 0`) and prints `listening on http://HOST:PORT` once
+it is ready; it watches Krita's process id (`--parent-pid`) and exits with Krita even
+after a crash. The access token is random per start and passed in a private file, so it
+never shows in the process list.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..qt import QObject, QProcess, QTimer, pyqtSignal
+
+LISTENING = re.compile(r"listening on (https?://\S+)")
+MAX_RESTARTS = 3
+RESTART_WINDOW_S = 120.0
+
+
+def engine_command(python_path: str) -> tuple[str, list[str]]:
+    """The program and leading arguments that run `instruct-edit` for a Python or venv path.
+
+    Accepts a venv folder, its python executable, or the `instruct-edit` script itself.
+    """
+    path = Path(os.path.expanduser(python_path.strip()))
+    if not str(python_path).strip():
+        raise FileNotFoundError(
+            "Set the engine's Python (the virtual environment where instruct-edit is "
+            "installed) in Settings.")
+    if path.is_dir():
+        bin_dir = path / ("Scripts" if sys.platform == "win32" else "bin")
+        python = bin_dir / ("python.exe" if sys.platform == "win32" else "python")
+    else:
+        python = path
+        bin_dir = path.parent
+    if python.name.startswith("instruct-edit") and python.exists():
+        return str(python), []
+    script = bin_dir / ("instruct-edit.exe" if sys.platform == "win32" else "instruct-edit")
+    if script.exists():
+        return str(script), []
+    if python.exists():
+        # No console script (e.g. a source checkout on PYTHONPATH): run the CLI's main().
+        return str(python), ["-c", "import sys; from engine.cli import main; sys.exit(main())"]
+    raise FileNotFoundError(
+        f"No Python found at {path}. In Settings, choose the virtual environment where "
+        "instruct-edit is installed (pip install instruct-edit).")
+
+
+class ManagedEngine(QObject):
+    """Signals: started(url, token), status(text), stopped(message), crashed(message)."""
+
+    started = pyqtSignal(str, str)
+    status = pyqtSignal(str)
+    stopped = pyqtSignal(str)
+    crashed = pyqtSignal(str)
+
+    def __init__(self, python_path: str, device: str = "auto", model: str | None = None,
+                 parent_pid: int | None = None, extra_args: list[str] | None = None,
+                 parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.python_path = python_path
+        self.device = device
+        self.model = model
+        self.parent_pid = parent_pid or os.getpid()
+        self.extra_args = list(extra_args or [])
+        self.url: str | None = None
+        self.token: str | None = None
+        self._process: QProcess | None = None
+        self._stopping = False
+        self._restarts: list[float] = []
+        self._log: list[str] = []
+        self._token_dir: str | None = None  # private folder for the token file, per start
+
+    @property
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.state() != QProcess.ProcessState.NotRunning
+
+    @property
+    def log_tail(self) -> str:
+        return "\n".join(self._log[-15:])
+
+    def start(self) -> None:
+        if self.is_running:
+            return
+        try:
+            program, leading = engine_command(self.python_path)
+        except FileNotFoundError as err:
+            self.stopped.emit(str(err))
+            return
+        self.token = secrets.token_urlsafe(24)
+        if self._token_dir is None or not Path(self._token_dir).is_dir():
+            self._token_dir = tempfile.mkdtemp(prefix="instruct-edit-")  # mode 0700
+        token_file = Path(self._token_dir) / "token"
+        token_file.write_text(self.token, encoding="utf-8")
+        os.chmod(token_file, 0o600)
+        args = [*leading, "serve", "--host", "127.0.0.1", "--port", "0",
+                "--parent-pid", str(self.parent_pid), "--token-file", str(token_file)]
+        if self.device and self.device != "auto":
+            args += ["--device", self.device]
+        if self.model:
+            args += ["--model", self.model]
+        args += self.extra_args
+        self.url = None
+        self._stopping = False
+        self._log = []
+        process = QProcess(self)
+        process.setProcessChannelMode(QProcess.ProcessChannelMode.MergedChannels)
+        process.readyReadStandardOutput.connect(self._read_output)
+        process.finished.connect(self._finished)
+        process.errorOccurred.connect(self._error)
+        self._process = process
+        self.status.emit("Starting the engine…")
+        process.start(program, args)
+
+    def stop(self) -> None:
+        """Ask the engine to exit (kill it if it has not after 3 s); remove the token file."""
+        self._stopping = True
+        process = self._process
+        if process is not None and process.state() != QProcess.ProcessState.NotRunning:
+            process.terminate()
+            if not process.waitForFinished(3000):
+                process.kill()
+                process.waitForFinished(2000)
+        if self._token_dir is not None:
+            shutil.rmtree(self._token_dir, ignore_errors=True)
+            self._token_dir = None
+
+    def _read_output(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        text = bytes(process.readAllStandardOutput()).decode("utf-8", "replace")
+        for line in text.splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            self._log.append(line)
+            match = LISTENING.search(line)
+            if match and self.url is None:
+                self.url = match.group(1).rstrip("/")
+                self.started.emit(self.url, self.token or "")
+            elif self.url is None:
+                # Start-up progress (loading the model, …) for the status line.
+                self.status.emit(f"Starting the engine: {line[:120]}")
+
+    def _error(self, error: QProcess.ProcessError) -> None:
+        if error == QProcess.ProcessError.FailedToStart:
+            self._process = None
+            self.stopped.emit(
+                f"The engine could not be started ({self.python_path}). Check the engine's "
+                "Python in Settings.")
+
+    def _finished(self, exit_code: int, _status: QProcess.ExitStatus) -> None:
+        self._read_output()
+        self._process = None
+        self.url = None
+        if self._stopping:
+            self.stopped.emit("The engine was stopped.")
+            return
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        tail = self._log[-1] if self._log else "no output"
+        if len(self._restarts) >= MAX_RESTARTS:
+            self.stopped.emit(
+                f"The engine keeps stopping (exit code {exit_code}: {tail}). Check Settings "
+                "(Python path, device, model) and start it again.")
+            return
+        self._restarts.append(now)
+        self.crashed.emit(f"The engine stopped unexpectedly (exit code {exit_code}: {tail}); restarting it.")
+        QTimer.singleShot(500, self.start)

@@ -1,0 +1,248 @@
+"""EngineClient: the engine's HTTP API (version 1) over Qt's asynchronous networking.
+
+Every call returns at once; `on_done(value)` or `on_error(ApiError)` runs later on the
+thread that owns the client (the UI thread in Krita). Uploads are prepared elsewhere
+(see model/jobs.py): this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from ..qt import QByteArray, QNetworkAccessManager, QNetworkReply, QNetworkRequest, QObject, QUrl
+from .errors import ApiError, error_from_response
+
+OnDone = Callable[[Any], None]
+OnError = Callable[[ApiError], None]
+
+_STATUS = QNetworkRequest.Attribute.HttpStatusCodeAttribute
+_NO_ERROR = QNetworkReply.NetworkError.NoError
+_CONNECTION_ERRORS = {
+    QNetworkReply.NetworkError.ConnectionRefusedError,
+    QNetworkReply.NetworkError.HostNotFoundError,
+    QNetworkReply.NetworkError.TimeoutError,
+    QNetworkReply.NetworkError.RemoteHostClosedError,
+    QNetworkReply.NetworkError.TemporaryNetworkFailureError,
+    QNetworkReply.NetworkError.NetworkSessionFailedError,
+    QNetworkReply.NetworkError.UnknownNetworkError,
+}
+
+
+def multipart_body(fields: list[tuple[str, str | None, str, bytes]]) -> tuple[bytes, str]:
+    """Encode (name, filename, content type, data) parts as multipart/form-data.
+
+    Returns the body and the Content-Type header (with its boundary).
+    """
+    boundary = "instruct-edit-" + secrets.token_hex(12)
+    chunks: list[bytes] = []
+    for name, filename, content_type, data in fields:
+        disposition = f'form-data; name="{name}"'
+        if filename:
+            disposition += f'; filename="{filename}"'
+        chunks.append(
+            f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+            f"Content-Type: {content_type}\r\n\r\n".encode()
+        )
+        chunks.append(data)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{boundary}--\r\n".encode())
+    return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
+
+
+class EventStream(QObject):
+    """A server-sent-events stream: calls on_event(name, data) for each complete event."""
+
+    def __init__(self, reply: QNetworkReply, on_event: Callable[[str, Any], None],
+                 on_end: Callable[[ApiError | None], None]) -> None:
+        super().__init__(reply)
+        self._reply = reply
+        self._buffer = b""
+        self._on_event = on_event
+        self._on_end = on_end
+        self._closed = False
+        reply.readyRead.connect(self._read)
+        reply.finished.connect(self._finished)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._reply.abort()
+
+    def _read(self) -> None:
+        self._buffer += bytes(self._reply.readAll())
+        self._buffer = self._buffer.replace(b"\r\n", b"\n")
+        while b"\n\n" in self._buffer:
+            block, self._buffer = self._buffer.split(b"\n\n", 1)
+            name, data_lines = "message", []
+            for line in block.decode("utf-8", "replace").split("\n"):
+                if line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    data_lines.append(line[5:].lstrip())
+            if not data_lines and name == "message":
+                continue  # a comment / keep-alive
+            text = "\n".join(data_lines)
+            try:
+                data: Any = json.loads(text) if text else {}
+            except ValueError:
+                data = text
+            if not self._closed:
+                self._on_event(name, data)
+
+    def _finished(self) -> None:
+        if self._closed:
+            self._reply.deleteLater()
+            return
+        self._closed = True
+        self._read()
+        error = None
+        status = self._reply.attribute(_STATUS)
+        if self._reply.error() != _NO_ERROR or (status and int(status) >= 400):
+            error = _reply_error(self._reply)
+        self._reply.deleteLater()
+        self._on_end(error)
+
+
+class EngineClient(QObject):
+    """One engine at `base_url` (e.g. http://127.0.0.1:8765) with its bearer token."""
+
+    def __init__(self, base_url: str, token: str | None = None, parent: QObject | None = None,
+                 timeout_ms: int = 30_000) -> None:
+        super().__init__(parent)
+        self.base_url = base_url.rstrip("/")
+        self.token = token or None
+        self.timeout_ms = timeout_ms
+        self._network = QNetworkAccessManager(self)
+        self._replies: set[QNetworkReply] = set()
+        self._streams: set[EventStream] = set()
+
+    def close(self) -> None:
+        """Stop every request without calling back; call before dropping the client.
+
+        Destroying the network manager with requests in flight would call their handlers
+        on half-destroyed replies.
+        """
+        for reply in list(self._replies):
+            reply.finished.disconnect()
+            reply.abort()
+            reply.deleteLater()
+        self._replies.clear()
+        for stream in list(self._streams):
+            stream.close()
+        self._streams.clear()
+
+    # --- the API ---------------------------------------------------------------------
+
+    def health(self, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        return self._send("GET", "/v1/health", on_done, on_error, timeout_ms=5_000)
+
+    def models(self, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        return self._send("GET", "/v1/models", on_done, on_error)
+
+    def submit(self, body: bytes, content_type: str, on_done: Callable[[str], None],
+               on_error: OnError) -> QNetworkReply:
+        """POST a multipart body from `multipart_body`; on_done gets the job id."""
+
+        def accepted(answer: Any) -> None:
+            job_id = answer.get("id") if isinstance(answer, dict) else None
+            if not job_id:
+                on_error(ApiError("The engine accepted the edit but sent no job id; update the engine.",
+                                  kind="protocol"))
+            else:
+                on_done(str(job_id))
+
+        return self._send("POST", "/v1/edits", accepted, on_error, body=body,
+                          content_type=content_type, timeout_ms=120_000)
+
+    def job(self, job_id: str, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        return self._send("GET", f"/v1/edits/{job_id}", on_done, on_error)
+
+    def result(self, job_id: str, index: int, on_done: Callable[[bytes], None],
+               on_error: OnError) -> QNetworkReply:
+        return self._send("GET", f"/v1/edits/{job_id}/results/{index}", on_done, on_error,
+                          raw=True, timeout_ms=120_000)
+
+    def cancel(self, job_id: str, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        return self._send("DELETE", f"/v1/edits/{job_id}", on_done, on_error)
+
+    def events(self, job_id: str, on_event: Callable[[str, Any], None],
+               on_end: Callable[[ApiError | None], None]) -> EventStream:
+        request = self._request(f"/v1/edits/{job_id}/events", timeout_ms=0)
+        request.setRawHeader(b"Accept", b"text/event-stream")
+        reply = self._network.get(request)
+
+        def ended(error: ApiError | None) -> None:
+            self._streams.discard(stream)
+            on_end(error)
+
+        stream = EventStream(reply, on_event, ended)
+        self._streams.add(stream)
+        return stream
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _request(self, path: str, timeout_ms: int | None = None) -> QNetworkRequest:
+        request = QNetworkRequest(QUrl(self.base_url + path))
+        if self.token:
+            request.setRawHeader(b"Authorization", f"Bearer {self.token}".encode())
+        request.setTransferTimeout(self.timeout_ms if timeout_ms is None else timeout_ms)
+        return request
+
+    def _send(self, method: str, path: str, on_done: OnDone, on_error: OnError, *,
+              body: bytes | None = None, content_type: str | None = None, raw: bool = False,
+              timeout_ms: int | None = None) -> QNetworkReply:
+        request = self._request(path, timeout_ms)
+        if content_type:
+            request.setRawHeader(b"Content-Type", content_type.encode())
+        if method == "GET":
+            reply = self._network.get(request)
+        elif method == "POST":
+            reply = self._network.post(request, QByteArray(body or b""))
+        elif method == "DELETE":
+            reply = self._network.deleteResource(request)
+        else:  # pragma: no cover - programming error
+            raise ValueError(method)
+        base_url = self.base_url
+        self._replies.add(reply)
+
+        def finished() -> None:
+            self._replies.discard(reply)
+            reply.deleteLater()
+            status = reply.attribute(_STATUS)
+            if reply.error() != _NO_ERROR and not status:
+                on_error(_reply_error(reply, base_url))
+                return
+            data = bytes(reply.readAll())
+            if status and int(status) >= 400:
+                on_error(error_from_response(int(status), data))
+                return
+            if raw:
+                on_done(data)
+                return
+            try:
+                on_done(json.loads(data.decode("utf-8")) if data else {})
+            except ValueError:
+                on_error(ApiError(f"The engine at {base_url} sent an answer the plugin cannot read. "
+                                  "Is this address really an Instruct Edit engine?", kind="protocol"))
+
+        reply.finished.connect(finished)
+        return reply
+
+
+def _reply_error(reply: QNetworkReply, base_url: str = "") -> ApiError:
+    status = reply.attribute(_STATUS)
+    if status and int(status) >= 400:
+        return error_from_response(int(status), bytes(reply.readAll()))
+    code = reply.error()
+    where = f" at {base_url}" if base_url else ""
+    if code == QNetworkReply.NetworkError.OperationCanceledError:
+        return ApiError("The request was stopped.", kind="cancelled")
+    if code in _CONNECTION_ERRORS:
+        return ApiError(
+            f"Can't reach the engine{where} ({reply.errorString()}). Start the engine, or check "
+            "the address in Settings.", kind="connection")
+    return ApiError(f"Network error talking to the engine{where}: {reply.errorString()}",
+                    kind="connection")

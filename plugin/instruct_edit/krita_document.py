@@ -1,0 +1,217 @@
+"""KritaDocument: the only code that touches Krita's Document/Node/Selection objects.
+
+It reads the pixels an edit needs (only the needed region), and inserts results as a new
+group of new paint layers. Pixels are written into a node before it is inserted, because
+`setPixelData` is not undoable but inserting a node is: one undo removes the whole group.
+The source layer is never written to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import image as px
+from .image import Bounds, context_bounds, is_full_selection
+from .model import naming
+from .qt import QByteArray
+
+SUPPORTED = ("RGBA", "U8")
+
+
+class UnsupportedDocument(Exception):
+    """The document or layer cannot be edited as is; the message says what to do."""
+
+
+@dataclass
+class SourceRegion:
+    """The pixels sent to the engine and where the results go back."""
+
+    bounds: Bounds  # region in document pixels
+    bgra: bytes  # bounds.width * bounds.height * 4 bytes, Krita's B,G,R,A order
+    selection: bytes | None  # 1 byte per pixel over `bounds` (255 = selected), None = all
+    source_kind: str  # "layer" or "canvas"
+    source_name: str
+    source_id: str | None  # unique id of the source layer (None for the canvas)
+
+
+def check_color(model: str, depth: str, what: str) -> None:
+    if (model, depth) != SUPPORTED:
+        depth_words = {"U16": "16-bit integer", "F16": "16-bit float", "F32": "32-bit float"}.get(depth, depth)
+        raise UnsupportedDocument(
+            f"{what} is {model} {depth_words}; Instruct Edit works on 8-bit RGBA. Convert it with "
+            "Image ▸ Convert Image Color Space… (RGB/Alpha, 8-bit integer) — or work on an 8-bit copy.")
+
+
+def _uuid(node: Any) -> str:
+    return node.uniqueId().toString()
+
+
+class KritaDocument:
+    def __init__(self, document: Any) -> None:
+        self.document = document
+
+    @property
+    def canvas(self) -> Bounds:
+        return Bounds(0, 0, self.document.width(), self.document.height())
+
+    def active_layer(self) -> Any | None:
+        return self.document.activeNode()
+
+    def selection_bounds(self) -> Bounds | None:
+        selection = self.document.selection()
+        if selection is None or selection.width() <= 0 or selection.height() <= 0:
+            return None
+        return Bounds(selection.x(), selection.y(), selection.width(), selection.height())
+
+    # --- reading ------------------------------------------------------------------------
+
+    def read_source(self, kind: str) -> SourceRegion:
+        doc = self.document
+        canvas = self.canvas
+        if kind == "layer":
+            node = doc.activeNode()
+            if node is None:
+                raise UnsupportedDocument("Select a layer to edit, or choose “Visible canvas” as the source.")
+            if node.type() not in ("paintlayer", "grouplayer", "filelayer", "clonelayer",
+                                   "vectorlayer", "filllayer"):
+                raise UnsupportedDocument(
+                    f"“{node.name()}” is a {node.type()}; select a paint or group layer, or edit the visible canvas.")
+            check_color(node.colorModel(), node.colorDepth(), f"The layer “{node.name()}”")
+            area = _bounds_of(node).intersected(canvas)
+            if area.is_empty:
+                raise UnsupportedDocument(f"The layer “{node.name()}” is empty; paint something first.")
+            name, node_id = node.name(), _uuid(node)
+        else:
+            check_color(doc.colorModel(), doc.colorDepth(), "This document")
+            area, name, node_id, node = canvas, "Visible canvas", None, None
+        selection = doc.selection()
+        mask: bytes | None = None
+        sel_bounds = self.selection_bounds()
+        if sel_bounds is not None:
+            area = context_bounds(sel_bounds, canvas)
+            mask = bytes(selection.pixelData(*area))
+            if is_full_selection(mask):
+                mask = None
+            elif mask.count(0) == len(mask):
+                raise UnsupportedDocument("The selection is empty; select an area or deselect (Ctrl+Shift+A).")
+        if node is not None:
+            data = bytes(node.projectionPixelData(*area))
+        else:
+            data = bytes(doc.pixelData(*area))
+        expected = area.width * area.height * 4
+        if len(data) != expected:
+            raise UnsupportedDocument(
+                f"Krita returned {len(data)} bytes for a {area.width}×{area.height} region "
+                f"(expected {expected}); is the layer 8-bit RGBA?")
+        return SourceRegion(area, data, mask, kind, name, node_id)
+
+    # --- writing ------------------------------------------------------------------------
+
+    def insert_results(self, region: SourceRegion, group_name: str,
+                       layers: list[tuple[str, bytes, dict[str, Any]]]) -> Any:
+        """Add a group with one paint layer per (name, bgra, provenance); first one visible.
+
+        The group goes right above the source layer (or on top for the canvas). Returns
+        the group node.
+        """
+        doc = self.document
+        x, y, w, h = region.bounds
+        group = doc.createNode(group_name, "grouplayer")
+        records = self.provenance_records()
+        above = None
+        # Krita stacks a child above `above` (None = at the bottom): adding the variants
+        # last-to-first leaves variant 0 on top, where it is visible.
+        for index in reversed(range(len(layers))):
+            name, data, record = layers[index]
+            layer = doc.createNode(name, "paintlayer")
+            layer.setPixelData(QByteArray(data), x, y, w, h)
+            layer.setVisible(index == 0)
+            group.addChildNode(layer, above)
+            above = layer
+            records[_uuid(layer)] = record
+        parent, above_node = self._insertion_point(region)
+        parent.addChildNode(group, above_node)
+        doc.setAnnotation(naming.ANNOTATION_TYPE, naming.ANNOTATION_DESCRIPTION,
+                          QByteArray(naming.encode_records(records)))
+        doc.refreshProjection()
+        doc.setActiveNode(group.childNodes()[-1] if group.childNodes() else group)
+        return group
+
+    def _insertion_point(self, region: SourceRegion) -> tuple[Any, Any]:
+        root = self.document.rootNode()
+        if region.source_id is not None:
+            source = self.find_node(region.source_id)
+            if source is not None and source.parentNode() is not None:
+                return source.parentNode(), source
+        # On top of the layers (the global selection is a mask node among the children).
+        layers = [n for n in root.childNodes() if not n.type().endswith("mask")]
+        return root, (layers[-1] if layers else None)
+
+    def find_node(self, node_id: str) -> Any | None:
+        def walk(node: Any) -> Any | None:
+            for child in node.childNodes():
+                if _uuid(child) == node_id:
+                    return child
+                found = walk(child)
+                if found is not None:
+                    return found
+            return None
+
+        return walk(self.document.rootNode())
+
+    # --- provenance -----------------------------------------------------------------------
+
+    def provenance_records(self) -> dict[str, dict[str, Any]]:
+        return naming.decode_records(self.document.annotation(naming.ANNOTATION_TYPE))
+
+    def provenance_of(self, node: Any | None) -> dict[str, Any] | None:
+        if node is None:
+            return None
+        return self.provenance_records().get(_uuid(node))
+
+
+    # --- training pairs --------------------------------------------------------------------
+
+    def training_pair(self, node: Any) -> tuple[str, bytes, bytes, int, int]:
+        """(instruction, before BGRA, after BGRA, width, height) for a result layer.
+
+        Before = the source as it is now over the edited region; after = the result layer
+        composited over it (result layers only cover the selection).
+        """
+        record = self.provenance_of(node)
+        if record is None:
+            raise UnsupportedDocument(
+                "Select a result layer made by Instruct Edit (inside a result group) to save it as a training pair.")
+        x, y, w, h = (int(v) for v in record["bounds"])
+        area = Bounds(x, y, w, h)
+        source = self.find_node(record["source_id"]) if record.get("source_id") else None
+        if source is not None:
+            before = bytes(source.projectionPixelData(*area))
+        else:
+            # The canvas source: read the canvas without this edit's group.
+            group = node.parentNode()
+            was_visible = group.visible()
+            group.setVisible(False)
+            self.document.refreshProjection()
+            before = bytes(self.document.pixelData(*area))
+            group.setVisible(was_visible)
+            self.document.refreshProjection()
+        result = bytes(node.pixelData(*area))
+        after = composite_over(before, result, w, h)
+        return str(record.get("instruction", "")), before, after, w, h
+
+
+def composite_over(below: bytes, above: bytes, width: int, height: int) -> bytes:
+    from .qt import QPainter
+
+    base = px.image_from_bgra(below, width, height).convertToFormat(px.PREMULTIPLIED)
+    painter = QPainter(base)
+    painter.drawImage(0, 0, px.image_from_bgra(above, width, height))
+    painter.end()
+    return px.bgra_from_image(base)
+
+
+def _bounds_of(node: Any) -> Bounds:
+    rect = node.bounds()
+    return Bounds(rect.x(), rect.y(), rect.width(), rect.height())

@@ -1,0 +1,66 @@
+"""Settings: how to reach the engine, where training pairs go, and the last-used values.
+
+Stored as JSON in Krita's data folder (next to pykrita/). Never written mid-way: a
+temporary file is written and moved over the old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..qt import QStandardPaths
+
+MANAGED, REMOTE = "managed", "remote"
+DEVICES = ("auto", "cuda", "mps", "cpu")
+
+
+@dataclass
+class Settings:
+    engine_mode: str = MANAGED
+    python_path: str = ""  # the venv (or its python) where instruct-edit is installed
+    device: str = "auto"
+    engine_model: str = ""  # model the managed engine loads at start ("" = its default)
+    remote_url: str = "http://127.0.0.1:8765"
+    remote_token: str = ""
+    pairs_folder: str = ""
+    state: dict[str, Any] = field(default_factory=dict)  # EditState.snapshot()
+
+    def problems(self) -> list[str]:
+        """What must be fixed before connecting, in words for the Settings dialog."""
+        found = []
+        if self.engine_mode not in (MANAGED, REMOTE):
+            found.append(f"Engine mode must be {MANAGED!r} or {REMOTE!r}.")
+        if self.engine_mode == REMOTE and not self.remote_url.startswith(("http://", "https://")):
+            found.append("The remote engine address must start with http:// or https://.")
+        if self.engine_mode == MANAGED and not self.python_path.strip():
+            found.append("Choose the Python environment where instruct-edit is installed.")
+        if self.device not in DEVICES:
+            found.append(f"Device must be one of {', '.join(DEVICES)}.")
+        return found
+
+
+def default_path() -> Path:
+    base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.GenericDataLocation)
+    return Path(base or Path.home()) / "krita" / "instruct_edit" / "settings.json"
+
+
+def load(path: Path | None = None) -> Settings:
+    path = path or default_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return Settings()
+    known = {f.name for f in fields(Settings)}
+    return Settings(**{k: v for k, v in data.items() if k in known})
+
+
+def save(settings: Settings, path: Path | None = None) -> None:
+    path = path or default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(asdict(settings), indent=2), encoding="utf-8")
+    os.replace(temporary, path)

@@ -1,0 +1,1 @@
+"""Widgets: thin views of model.state bound to the controller."""
