@@ -13,6 +13,7 @@ kritarc gets `[python] enable_instruct_edit=true` (other settings kept as they a
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -107,11 +108,45 @@ def install(source: Path, resources: Path) -> list[Path]:
         return installed
 
 
+def default_settings_file() -> Path:
+    """Where the plugin keeps its settings: Qt's GenericDataLocation/krita/instruct_edit."""
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "krita" / PLUGIN_ID / "settings.json"
+
+
+def point_managed_engine_at(python: str, settings_file: Path) -> bool:
+    """Tell the plugin which Python runs `instruct-edit serve`, unless the user chose one already."""
+    settings = {}
+    if settings_file.exists():
+        try:
+            settings = json.loads(settings_file.read_text(encoding="utf-8"))
+        except ValueError:
+            return False  # a file we cannot read is the user's; leave it alone
+    if settings.get("python_path"):
+        return False
+    settings["python_path"] = python
+    settings_file.parent.mkdir(parents=True, exist_ok=True)
+    temporary = settings_file.with_name(settings_file.name + ".tmp")
+    temporary.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    temporary.replace(settings_file)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zip", type=Path, help="plugin zip from scripts/build_plugin.py (default: plugin/)")
     parser.add_argument("--resources", type=Path, default=None, help="Krita resource folder")
     parser.add_argument("--kritarc", type=Path, default=None, help="kritarc file to enable the plugin in")
+    parser.add_argument(
+        "--python", default=sys.executable,
+        help="Python with instruct-edit installed, for the plugin's managed engine (default: this one)",
+    )
+    parser.add_argument("--settings", type=Path, default=None, help="the plugin's settings.json")
     args = parser.parse_args(argv)
     source = args.zip or ROOT / "plugin"
     resources = args.resources or default_resources()
@@ -119,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     for path in install(source, resources):
         print(f"installed {path}")
     enable_in_kritarc(kritarc)
+    settings_file = args.settings or default_settings_file()
+    if point_managed_engine_at(args.python, settings_file):
+        print(f"managed engine: {args.python} (in {settings_file})")
     print(f"enabled in {kritarc}; restart Krita and open Settings ▸ Dockers ▸ Instruct Edit")
     return 0
 

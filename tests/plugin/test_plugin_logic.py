@@ -379,3 +379,17 @@ def test_build_zip_and_install_into_a_profile(tmp_path: Path):
     fresh = tmp_path / "new" / "kritarc"
     install_plugin.enable_in_kritarc(fresh)
     assert fresh.read_text() == "[python]\nenable_instruct_edit=true\n"
+
+
+def test_install_points_the_managed_engine_at_this_python_without_overriding_the_user(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    import install_plugin
+
+    settings_file = tmp_path / "krita" / "instruct_edit" / "settings.json"
+    assert install_plugin.point_managed_engine_at("/venv/bin/python", settings_file)
+    assert json.loads(settings_file.read_text())["python_path"] == "/venv/bin/python"
+    settings_file.write_text(json.dumps({"python_path": "/mine/python", "device": "cpu"}))
+    assert not install_plugin.point_managed_engine_at("/venv/bin/python", settings_file)
+    assert json.loads(settings_file.read_text()) == {"python_path": "/mine/python", "device": "cpu"}
