@@ -1,0 +1,385 @@
+"""`instruct-edit serve`: the command-line front of the HTTP service.
+
+The lead's `engine/cli.py` calls `add_serve_arguments(parser)` and `run_serve(args)`. The one
+line on stdout is `listening on http://HOST:PORT` (https with TLS), printed once the socket
+accepts connections; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.manifest import DEFAULT_MODEL
+from engine.server import settings as defaults
+from engine.server.auth import TokenError, is_loopback, load_token
+from engine.server.settings import ServerSettings
+
+DEFAULT_PORT = 8765
+PARENT_POLL_S = 1.0
+log = logging.getLogger("instruct_edit.serve")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    net = parser.add_argument_group("network and security")
+    net.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only)",
+    )
+    net.add_argument(
+        "--port",
+        metavar="N",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port (default {DEFAULT_PORT}; 0 = any free port)",
+    )
+    token = net.add_mutually_exclusive_group()
+    token.add_argument(
+        "--token",
+        help="the access token clients must send (prefer --token-file: argv is visible to others)",
+    )
+    token.add_argument(
+        "--token-file",
+        metavar="FILE",
+        type=Path,
+        help="file holding the token; created with a new random token (mode 0600) if missing",
+    )
+    net.add_argument(
+        "--tls-cert", metavar="PEM", type=Path, help="TLS certificate (PEM) to serve https"
+    )
+    net.add_argument(
+        "--tls-key", metavar="PEM", type=Path, help="TLS private key (PEM) for --tls-cert"
+    )
+
+    models = parser.add_argument_group("models and devices")
+    models.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"default model: hub id, diffusers folder or .safetensors file (default {DEFAULT_MODEL})",
+    )
+    models.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of models clients may choose by name (diffusers folders, .safetensors files); repeatable",
+    )
+    models.add_argument(
+        "--loras-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="folder of LoRA .safetensors files clients may use by name; repeatable",
+    )
+    models.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
+    models.add_argument(
+        "--devices",
+        metavar="LIST",
+        help="comma-separated devices, one worker each (e.g. cuda:0,cuda:1); overrides --device",
+    )
+    models.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="precision (default auto)",
+    )
+    models.add_argument(
+        "--memory-saving",
+        default="auto",
+        choices=("auto", "off", "slicing", "offload"),
+        help="memory savers (default auto: decided from VRAM and size)",
+    )
+    models.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow pickle-based .ckpt/.bin models, which can run code when loaded (trusted files only)",
+    )
+    models.add_argument(
+        "--max-loaded-models",
+        metavar="N",
+        type=int,
+        default=defaults.DEFAULT_MAX_LOADED_MODELS,
+        help=f"models kept loaded per device (default {defaults.DEFAULT_MAX_LOADED_MODELS})",
+    )
+    models.add_argument(
+        "--no-preload",
+        dest="preload",
+        action="store_false",
+        help="load the default model with the first edit instead of at start-up",
+    )
+
+    limits = parser.add_argument_group("queue and limits")
+    limits.add_argument(
+        "--queue-size",
+        metavar="N",
+        type=int,
+        default=defaults.DEFAULT_QUEUE_SIZE,
+        help=f"edits that may wait; more get 429 (default {defaults.DEFAULT_QUEUE_SIZE})",
+    )
+    limits.add_argument(
+        "--result-ttl",
+        type=float,
+        default=defaults.DEFAULT_RESULT_TTL_S,
+        metavar="SECONDS",
+        help=f"how long unfetched results are kept (default {defaults.DEFAULT_RESULT_TTL_S:g})",
+    )
+    limits.add_argument(
+        "--result-memory-mb",
+        metavar="MB",
+        type=float,
+        default=defaults.DEFAULT_RESULT_MEMORY_MB,
+        help=f"memory for kept results (default {defaults.DEFAULT_RESULT_MEMORY_MB})",
+    )
+    limits.add_argument(
+        "--max-upload-mb",
+        metavar="MB",
+        type=float,
+        default=defaults.DEFAULT_MAX_UPLOAD_MB,
+        help=f"largest request body (default {defaults.DEFAULT_MAX_UPLOAD_MB})",
+    )
+    limits.add_argument(
+        "--max-image-pixels",
+        metavar="N",
+        type=int,
+        default=defaults.DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"largest image, width × height (default {defaults.DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    parser.add_argument(
+        "--parent-pid",
+        metavar="PID",
+        type=int,
+        help="exit when the process with this id ends (used by the Krita plugin)",
+    )
+    parser.add_argument(
+        "--log-level", default="warning", choices=("debug", "info", "warning", "error")
+    )
+
+
+class ServeError(Exception):
+    """A start-up problem the operator can fix; printed as one line, exit status 2."""
+
+
+def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
+    try:
+        source = load_token(args.token, args.token_file)
+    except TokenError as err:
+        raise ServeError(str(err)) from err
+    if not is_loopback(args.host) and not source.explicit:
+        if source.generated and source.path is not None:
+            source.path.unlink(missing_ok=True)  # ours, just made: do not leave it behind
+        raise ServeError(
+            f"--host {args.host} makes the service reachable from other machines; give the token "
+            "explicitly with --token-file FILE (or --token), and consider --tls-cert/--tls-key"
+        )
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ServeError("--tls-cert and --tls-key go together; give both or neither")
+    for path in (args.tls_cert, args.tls_key):
+        if path is not None and not path.is_file():
+            raise ServeError(f"TLS file {path} does not exist")
+    for folder in [*args.models_dir, *args.loras_dir]:
+        if not folder.is_dir():
+            raise ServeError(
+                f"folder {folder} does not exist (given with --models-dir/--loras-dir)"
+            )
+    devices = tuple(d.strip() for d in (args.devices or args.device).split(",") if d.strip())
+    if not devices:
+        raise ServeError("--devices is empty; give e.g. cuda:0,cuda:1")
+    if args.parent_pid is not None and not pid_alive(args.parent_pid):
+        raise ServeError(f"--parent-pid {args.parent_pid}: no such process")
+    _check_devices(devices, args.dtype)
+    try:
+        settings = ServerSettings(
+            token=source.token,
+            model=args.model,
+            devices=devices,
+            dtype=args.dtype,
+            memory_saving=args.memory_saving,
+            allow_pickle=args.allow_pickle,
+            queue_size=args.queue_size,
+            models_dirs=tuple(p.resolve() for p in args.models_dir),
+            loras_dirs=tuple(p.resolve() for p in args.loras_dir),
+            result_ttl_s=args.result_ttl,
+            result_memory_mb=args.result_memory_mb,
+            max_upload_mb=args.max_upload_mb,
+            max_image_pixels=args.max_image_pixels,
+            max_loaded_models=args.max_loaded_models,
+            preload=args.preload,
+        )
+    except ValueError as err:
+        raise ServeError(str(err)) from err
+    if source.path is not None:
+        what = "generated a new token in" if source.generated else "token file:"
+        print(f"{what} {source.path}", file=sys.stderr, flush=True)
+    return settings, "https" if args.tls_cert else "http"
+
+
+def _check_devices(devices: tuple[str, ...], dtype: str) -> None:
+    """Refuse an unusable device or precision now, not with the first edit."""
+    from engine.devices import resolve_device, resolve_dtype
+    from engine.errors import InvalidInput
+
+    for device in devices:
+        try:
+            resolve_dtype(dtype, resolve_device(device))
+        except InvalidInput as err:
+            raise ServeError(err.message) from err
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+
+        # os.kill(pid, 0) would terminate the process on Windows; ask for its exit code instead.
+        kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        try:
+            code = ctypes.c_ulong()
+            kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+            return code.value == 259  # STILL_ACTIVE
+        finally:
+            kernel32.CloseHandle(handle)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def watch_parent(
+    pid: int, on_gone: Callable[[], None], interval: float = PARENT_POLL_S
+) -> threading.Thread:
+    original_ppid = os.getppid()
+
+    def poll() -> None:
+        while True:
+            # Reparenting (our parent died and init adopted us) counts too: a dead parent can
+            # linger as a zombie that still answers kill(pid, 0).
+            reparented = pid == original_ppid and os.getppid() != original_ppid
+            if reparented or not pid_alive(pid):
+                on_gone()
+                return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=poll, name="instruct-edit-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings, scheme = _settings_from_args(args)
+        sock = bind_listening_socket(args.host, args.port)
+    except ServeError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+    import uvicorn
+
+    from engine.server.app import create_app
+
+    _quiet_library_progress_bars()
+    app = create_app(settings)
+    host, port = sock.getsockname()[:2]
+    shown_host = f"[{host}]" if ":" in host else host
+    listening_line = f"listening on {scheme}://{shown_host}:{port}"
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(listening_line, flush=True)
+
+    config = uvicorn.Config(
+        app,
+        log_level=args.log_level,
+        ssl_certfile=str(args.tls_cert) if args.tls_cert else None,
+        ssl_keyfile=str(args.tls_key) if args.tls_key else None,
+        timeout_graceful_shutdown=3,
+        # No `server: uvicorn` header: nothing for a scanner to fingerprint.
+        server_header=False,
+    )
+    server = AnnouncingServer(config)
+    if args.parent_pid is not None:
+
+        def parent_gone() -> None:
+            print(
+                f"parent process {args.parent_pid} ended; shutting down",
+                file=sys.stderr,
+                flush=True,
+            )
+            server.should_exit = True
+
+        watch_parent(args.parent_pid, parent_gone)
+    try:
+        asyncio.run(server.serve(sockets=[sock]))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        print("error: the service failed to start; see the messages above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _quiet_library_progress_bars() -> None:
+    """Model loading draws tqdm bars on stderr; a service's log is read by people and the
+    plugin's log view, where they are noise (health reports loading instead)."""
+    try:
+        import diffusers.utils.logging as diffusers_logging
+        import transformers.utils.logging as transformers_logging
+
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - both come with the engine
+        pass
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """Bind ourselves (not uvicorn), so `--port 0` yields the real port before start-up.
+
+    The socket comes from getaddrinfo so that it carries proto=IPPROTO_TCP: asyncio sets
+    TCP_NODELAY on accepted connections only then, and without it every small response
+    waits ~40 ms for the client's delayed ACK (Nagle)."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port {port} is not a port number (0-65535; 0 = any free port)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ServeError(f"--host {host}: {err}") from err
+    family, socktype, proto, _, address = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    if sys.platform != "win32":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ServeError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; choose another --port"
+        ) from err
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock

@@ -1,0 +1,409 @@
+"""Jobs and the bounded FIFO queue that holds them, with their results kept under a TTL and a memory cap.
+
+Thread model: HTTP handlers (event loop and thread pool) and the device workers all go through
+`JobQueue`, whose one lock guards every job's mutable state. Listeners (server-sent-event
+streams) register a callback that is called, outside the lock, after each change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from PIL import Image
+
+from engine.request import EditParams
+from engine.server.catalog import ModelEntry
+from engine.server.errors import ApiError
+
+# Fetched results stay this long (at most the TTL) so a client can retry a failed download.
+FETCHED_GRACE_S = 30.0
+# Finished jobs' records (small: no images) are kept up to this many, then the oldest go.
+MAX_FINISHED_RECORDS = 10_000
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class Job:
+    id: str
+    params: EditParams  # LoRA names already resolved to paths
+    model: ModelEntry
+    image: Image.Image | None
+    mask: Image.Image | None
+    preview_every: int = 0
+    created_at: float = field(default_factory=time.time)
+    state: JobState = JobState.QUEUED
+    step: int = 0
+    total: int = 0
+    started_mono: float | None = None
+    first_step_mono: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    finished_mono: float | None = None
+    error: str | None = None
+    error_field: str | None = None
+    result_count: int = 0
+    results: list[bytes] | None = None  # None before done and after release
+    fetched: set[int] = field(default_factory=set)
+    all_fetched_mono: float | None = None
+    released_reason: str | None = None
+    preview_b64: str | None = None
+    preview_serial: int = 0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    version: int = 0
+    listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def result_bytes(self) -> int:
+        return sum(len(png) for png in self.results) if self.results else 0
+
+    def eta_s(self, now: float) -> float | None:
+        if self.state is not JobState.RUNNING or self.first_step_mono is None or self.step < 1:
+            return None
+        per_step = (now - self.first_step_mono) / max(self.step - 1, 1) if self.step > 1 else None
+        if per_step is None:
+            # One step done: estimate from the time since the job started (includes set-up).
+            per_step = (now - (self.started_mono or now)) / self.step
+        return max(0.0, per_step * (self.total - self.step))
+
+
+class QueueFull(ApiError):
+    def __init__(self, capacity: int, retry_after_s: int) -> None:
+        super().__init__(
+            429,
+            f"the queue is full ({capacity} edits waiting); try again in about {retry_after_s} s",
+            None,
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class JobQueue:
+    """Bounded FIFO of queued jobs + the records of running and finished ones."""
+
+    def __init__(
+        self,
+        capacity: int,
+        result_ttl_s: float,
+        result_memory_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.capacity = capacity
+        self.result_ttl_s = result_ttl_s
+        self.result_memory_bytes = result_memory_bytes
+        self._clock = clock
+        self._lock = threading.Lock()
+        # Readers that need a consistent view of a job (status answers) hold this too.
+        self.lock = self._lock
+        self._work_ready = threading.Condition(self._lock)
+        self._queued: deque[Job] = deque()
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._stored_bytes = 0
+        # Jobs whose results are in memory, oldest finished first (what sweeps look at).
+        self._holders: OrderedDict[str, Job] = OrderedDict()
+        self._running = 0
+        self._recent_durations: deque[float] = deque(maxlen=20)
+        self._closed = False
+        self.workers = 1  # set by the worker pool; used for Retry-After estimates
+
+    # --- submitting and taking work ---------------------------------------------------------
+
+    def new_id(self) -> str:
+        return secrets.token_urlsafe(12)
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            if len(self._queued) >= self.capacity:
+                raise QueueFull(self.capacity, self._retry_after_locked())
+            job.total = job.params.steps  # until the editor reports its own count
+            self._jobs[job.id] = job
+            self._queued.append(job)
+            self._work_ready.notify()
+
+    def next_job(self, timeout: float | None = None) -> Job | None:
+        """Block until a job is queued (then mark it running) or `timeout`/close; None if none."""
+        with self._lock:
+            deadline = None if timeout is None else self._clock() + timeout
+            while not self._queued and not self._closed:
+                remaining = None if deadline is None else deadline - self._clock()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._work_ready.wait(remaining)
+            if self._closed:
+                return None
+            job = self._queued.popleft()
+            job.state = JobState.RUNNING
+            job.started_mono = self._clock()
+            job.started_at = time.time()
+            self._running += 1
+            listeners = self._touch(job)
+        _notify(listeners)
+        return job
+
+    def reopen(self) -> None:
+        with self._lock:
+            self._closed = False
+
+    def close(self) -> None:
+        """Wake every waiting worker and stop handing out jobs; running jobs are asked to cancel."""
+        with self._lock:
+            self._closed = True
+            for job in self._jobs.values():
+                if job.state is JobState.RUNNING:
+                    job.cancel.set()
+            self._work_ready.notify_all()
+
+    # --- progress and completion (called by workers) ----------------------------------------
+
+    def report_progress(
+        self, job: Job, step: int, total: int, preview_b64: str | None = None
+    ) -> None:
+        with self._lock:
+            job.step, job.total = step, total
+            if job.first_step_mono is None:
+                job.first_step_mono = self._clock()
+            if preview_b64 is not None:
+                job.preview_b64 = preview_b64
+                job.preview_serial += 1
+            listeners = self._touch(job)
+        _notify(listeners)
+
+    def finish_done(self, job: Job, results: list[bytes]) -> None:
+        with self._lock:
+            job.results = results
+            job.result_count = len(results)
+            job.step = job.total
+            self._stored_bytes += job.result_bytes
+            self._holders[job.id] = job
+            self._finish_locked(job, JobState.DONE)
+            self._enforce_memory_cap_locked(newest=job)
+            listeners = self._touch(job)
+        _notify(listeners)
+
+    def finish_failed(self, job: Job, message: str, field: str | None = None) -> None:
+        with self._lock:
+            job.error, job.error_field = message, field
+            self._finish_locked(job, JobState.FAILED)
+            listeners = self._touch(job)
+        _notify(listeners)
+
+    def finish_cancelled(self, job: Job) -> None:
+        with self._lock:
+            self._finish_locked(job, JobState.CANCELLED)
+            listeners = self._touch(job)
+        _notify(listeners)
+
+    def _finish_locked(self, job: Job, state: JobState) -> None:
+        if job.state is JobState.RUNNING:
+            self._running -= 1
+            if job.started_mono is not None:
+                self._recent_durations.append(self._clock() - job.started_mono)
+        job.state = state
+        job.finished_mono = self._clock()
+        job.finished_at = time.time()
+        # The inputs are no longer needed; drop them now rather than with the record.
+        job.image = job.mask = None
+        job.preview_b64 = None
+        self._prune_records_locked()
+
+    # --- client operations ------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Job:
+        self.sweep()
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(
+                404,
+                f"no edit with id {job_id!r} on this server (ids are forgotten when the server "
+                "restarts, and the oldest finished ones after many jobs)",
+                "id",
+            )
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued: removed and cancelled now. Running: asked to stop (within one step).
+        Finished: its stored results are discarded (the client is done with them)."""
+        job = self.get(job_id)
+        with self._lock:
+            if job.state is JobState.QUEUED:
+                self._queued.remove(job)
+                self._finish_locked(job, JobState.CANCELLED)
+            elif job.state is JobState.RUNNING:
+                job.cancel.set()
+            elif job.results is not None:
+                self._release_locked(job, "the results were discarded by a DELETE request")
+            listeners = self._touch(job)
+        _notify(listeners)
+        return job
+
+    def result_png(self, job_id: str, index: int) -> bytes:
+        job = self.get(job_id)
+        with self._lock:
+            if job.state is not JobState.DONE:
+                raise ApiError(
+                    409,
+                    f"edit {job_id} is {job.state.value}; results exist only once it is done",
+                    "id",
+                )
+            if not 0 <= index < job.result_count:
+                raise ApiError(
+                    404,
+                    f"edit {job_id} has results 0 to {job.result_count - 1}; there is no result {index}",
+                    "k",
+                )
+            if job.results is None:
+                raise ApiError(
+                    410, f"result {index} of edit {job_id} is gone: {job.released_reason}", "k"
+                )
+            png = job.results[index]
+            job.fetched.add(index)
+            if len(job.fetched) == job.result_count and job.all_fetched_mono is None:
+                job.all_fetched_mono = self._clock()
+        return png
+
+    def queue_position(self, job: Job) -> int | None:
+        with self._lock:
+            if job.state is not JobState.QUEUED:
+                return None
+            try:
+                return self._queued.index(job)
+            except ValueError:
+                return None
+
+    # --- listeners ----------------------------------------------------------------------------
+
+    def add_listener(self, job: Job, callback: Callable[[], None]) -> None:
+        with self._lock:
+            job.listeners.append(callback)
+
+    def remove_listener(self, job: Job, callback: Callable[[], None]) -> None:
+        with self._lock:
+            if callback in job.listeners:
+                job.listeners.remove(callback)
+
+    def _touch(self, job: Job) -> list[Callable[[], None]]:
+        job.version += 1
+        return list(job.listeners)
+
+    # --- keeping memory bounded ---------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Release results past their TTL or their post-download grace period."""
+        notify: list[Callable[[], None]] = []
+        with self._lock:
+            now = self._clock()
+            for job in list(self._holders.values()):
+                if job.finished_mono is None:
+                    continue
+                if now - job.finished_mono >= self.result_ttl_s:
+                    self._release_locked(
+                        job,
+                        f"results are kept for {self.result_ttl_s:g} s after an edit ends and this "
+                        "one's time ran out; fetch results sooner, or start the server with a longer "
+                        "--result-ttl",
+                    )
+                    notify += self._touch(job)
+                elif job.all_fetched_mono is not None and now - job.all_fetched_mono >= min(
+                    FETCHED_GRACE_S, self.result_ttl_s
+                ):
+                    self._release_locked(job, "every result was downloaded and then released")
+                    notify += self._touch(job)
+        _notify(notify)
+
+    def _enforce_memory_cap_locked(self, newest: Job) -> None:
+        if self._stored_bytes <= self.result_memory_bytes:
+            return
+        if newest.result_bytes > self.result_memory_bytes:
+            self._release_locked(
+                newest,
+                f"the results ({newest.result_bytes / 2**20:.1f} MiB) are larger than the server's "
+                f"result memory limit ({self.result_memory_bytes / 2**20:.1f} MiB); start it with a "
+                "larger --result-memory-mb",
+            )
+            return
+        # Downloaded ones go first, then the oldest unfetched ones.
+        holders = [job for job in self._holders.values() if job is not newest]
+        holders.sort(key=lambda job: (job.all_fetched_mono is None, job.finished_mono or 0.0))
+        for job in holders:
+            if self._stored_bytes <= self.result_memory_bytes:
+                break
+            if job.all_fetched_mono is not None:
+                reason = (
+                    "every result was downloaded and then released to make room for newer results"
+                )
+            else:
+                reason = (
+                    "released unfetched to keep the server's result memory under its limit "
+                    f"({self.result_memory_bytes / 2**20:.0f} MiB); fetch results sooner, or start the "
+                    "server with a larger --result-memory-mb"
+                )
+            self._release_locked(job, reason)
+            self._touch(job)
+
+    def _release_locked(self, job: Job, reason: str) -> None:
+        if job.results is not None:
+            self._stored_bytes -= job.result_bytes
+            job.results = None
+            job.released_reason = reason
+        self._holders.pop(job.id, None)
+
+    def _prune_records_locked(self) -> None:
+        if len(self._jobs) <= MAX_FINISHED_RECORDS:
+            return
+        finished = [job for job in self._jobs.values() if job.state.finished]
+        excess = len(finished) - MAX_FINISHED_RECORDS
+        for job in finished[: max(excess, 0)]:
+            self._release_locked(job, "forgotten")
+            del self._jobs[job.id]
+
+    # --- numbers ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "queued": len(self._queued),
+                "running": self._running,
+                "capacity": self.capacity,
+                "stored_result_bytes": self._stored_bytes,
+                "result_memory_limit_bytes": self.result_memory_bytes,
+            }
+
+    @property
+    def stored_result_bytes(self) -> int:
+        with self._lock:
+            return self._stored_bytes
+
+    def _retry_after_locked(self) -> int:
+        typical = (
+            sorted(self._recent_durations)[len(self._recent_durations) // 2]
+            if self._recent_durations
+            else 5.0
+        )
+        return max(
+            1, math.ceil(typical * (len(self._queued) + self._running) / max(self.workers, 1))
+        )
+
+
+def _notify(listeners: list[Callable[[], None]]) -> None:
+    for callback in listeners:
+        # A listener whose client went away (closed event loop) must not hurt the worker.
+        with contextlib.suppress(Exception):
+            callback()
