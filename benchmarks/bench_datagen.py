@@ -29,12 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.devices import resolve_device, resolve_dtype
-from engine.testing import (
-    FULL_TEXT_CONFIG,
-    FULL_UNET_CONFIG,
-    FULL_VAE_CONFIG,
-    build_tiny_tokenizer,
-)
+from engine.testing import build_full_size_components, build_tiny_tokenizer, full_size_text_config
 from training.datagen.clip_filter import ClipScores, ClipSimilarity, ClipThresholds
 from training.datagen.image_dataset import GenerationSettings, Triplet, generate_pair_folder
 from training.datagen.prompt_to_prompt import PairGenerator, SampleParams
@@ -68,37 +63,10 @@ TRIPLETS = [
 
 
 def build_full_size_text_to_image(seed: int = 0):
-    from diffusers import (
-        AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import StableDiffusionPipeline
 
-    torch.manual_seed(seed)
-    tokenizer = build_tiny_tokenizer()
-    text_config = dict(FULL_TEXT_CONFIG)
-    text_config.update(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     return StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**{**FULL_UNET_CONFIG, "in_channels": 4}),
-        vae=AutoencoderKL(**FULL_VAE_CONFIG),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        tokenizer=tokenizer,
-        scheduler=EulerAncestralDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            steps_offset=1,
-        ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **build_full_size_components(seed, in_channels=4), requires_safety_checker=False
     )
 
 
@@ -108,12 +76,7 @@ def save_full_size_clip(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
-    text_config = dict(FULL_TEXT_CONFIG)
-    text_config.update(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = full_size_text_config(tokenizer)
     CLIPModel(
         CLIPConfig(text_config=text_config, vision_config=CLIP_VISION_L14, projection_dim=768)
     ).save_pretrained(folder)

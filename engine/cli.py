@@ -206,8 +206,9 @@ def _lora_spec(text: str):
     return LoraSpec(path=path, strength=strength)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parse and run a subcommand; a user-facing error is one line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except EngineError as err:
@@ -216,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

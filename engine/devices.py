@@ -96,7 +96,10 @@ def total_device_memory(device: torch.device) -> int:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, torch.cuda.OutOfMemoryError):
+    """CUDA/MPS/host out-of-memory, or the engine's own OutOfMemory after its retries."""
+    from engine.errors import OutOfMemory
+
+    if isinstance(err, (torch.OutOfMemoryError, OutOfMemory, MemoryError)):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 

@@ -157,33 +157,44 @@ FULL_TEXT_CONFIG = {
 }
 
 
-def build_full_size_pipeline(seed: int = 0) -> StableDiffusionInstructPix2PixPipeline:
-    """The real architecture (UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M) with random weights.
+def full_size_text_config(tokenizer: CLIPTokenizer) -> dict:
+    """CLIP ViT-L/14's text tower config, with the special-token ids of `tokenizer`."""
+    return {
+        **FULL_TEXT_CONFIG,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def build_full_size_components(seed: int = 0, in_channels: int = 8) -> dict:
+    """The real SD 1.5 architecture with random weights; in_channels=4 gives text-to-image.
 
     The tokenizer is the tiny byte-level one (the real vocabulary needs a download); token ids
     stay below the full vocabulary size, so the text encoder does the real amount of work.
     """
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
-    text_config = dict(FULL_TEXT_CONFIG)
-    text_config.update(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return StableDiffusionInstructPix2PixPipeline(
-        unet=UNet2DConditionModel(**FULL_UNET_CONFIG),
-        vae=AutoencoderKL(**FULL_VAE_CONFIG),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        tokenizer=tokenizer,
-        scheduler=EulerAncestralDiscreteScheduler(
+    text_config = full_size_text_config(tokenizer)
+    return {
+        "unet": UNet2DConditionModel(**{**FULL_UNET_CONFIG, "in_channels": in_channels}),
+        "vae": AutoencoderKL(**FULL_VAE_CONFIG),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config)),
+        "tokenizer": tokenizer,
+        "scheduler": EulerAncestralDiscreteScheduler(
             beta_start=0.00085,
             beta_end=0.012,
             beta_schedule="scaled_linear",
             num_train_timesteps=1000,
             steps_offset=1,
         ),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+
+
+def build_full_size_pipeline(seed: int = 0) -> StableDiffusionInstructPix2PixPipeline:
+    """The real InstructPix2Pix architecture (UNet 859.5 M, VAE 83.7 M, CLIP-L text 123.1 M)."""
+    return StableDiffusionInstructPix2PixPipeline(
+        **build_full_size_components(seed), requires_safety_checker=False
     )

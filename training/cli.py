@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from engine.errors import EngineError
+from engine.cli import run_command
 
 # name -> module; imported lazily so `--help` stays fast and one broken extra can't sink all.
 COMMANDS: dict[str, str] = {
@@ -48,15 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.run(args) or 0)
-    except EngineError as err:
-        print(f"error: {err.message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

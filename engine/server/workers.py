@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from engine.devices import is_out_of_memory
 from engine.errors import EditCancelled, EngineError, OutOfMemory
 from engine.request import EditParams
 from engine.server.catalog import ModelEntry
@@ -65,19 +66,6 @@ def real_editor_factory(settings: ServerSettings) -> EditorFactory:
         )
 
     return make
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    if isinstance(err, (OutOfMemory, MemoryError)):
-        return True
-    try:
-        import torch
-
-        if isinstance(err, torch.OutOfMemoryError):
-            return True
-    except (ImportError, AttributeError):
-        pass
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
 def free_accelerator_memory() -> None:
