@@ -5,25 +5,9 @@
 # Usage: ./scripts/run.sh [instruct-edit serve arguments, e.g. --model DIR --port 7860]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-PYTHON=${PYTHON:-python3}
-
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-python -m pip install --quiet --upgrade pip
-if ! python -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null || [ "$(uname -s)" = Darwin ]; then
-    python -m pip install --quiet torch          # CUDA build on Linux/Windows, MPS on macOS
-  else
-    python -m pip install --quiet "torch==2.13.0" 2>/dev/null || python -m pip install --quiet torch \
-      --index-url https://download.pytorch.org/whl/cpu
-  fi
-fi
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
+install_torch auto
 python -m pip install --quiet -e .
-if [ -f scripts/install_plugin.py ]; then
-  python scripts/install_plugin.py
-fi
+python scripts/install_plugin.py
 exec instruct-edit serve "$@"

@@ -3,19 +3,9 @@
 # Usage: ./scripts/test.sh [extra pytest arguments]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-PYTHON=${PYTHON:-python3}
-
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PYTHON" -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-python -m pip install --quiet --upgrade pip
-# The CPU wheel first, so the project's `torch>=…` range is already met and pip never
-# swaps in a multi-GB CUDA build.
-python -m pip install --quiet "torch==2.13.0" 2>/dev/null || python -m pip install --quiet torch \
-  --index-url https://download.pytorch.org/whl/cpu
+# shellcheck source=scripts/venv.sh
+. scripts/venv.sh
+install_torch cpu
 python -m pip install --quiet -e ".[dev]"
 
 ruff check .
