@@ -1,53 +1,59 @@
-"""The editing pipeline: one loaded model turning (image, instruction) into edited images.
+"""The editor: one loaded model turning (image, instruction) into edited images.
 
-The denoising loop is InstructPix2Pix's (method.md): the image latent is the VAE posterior
-mode (unscaled), concatenated to the noisy latent on the channel axis; three guidance rows
-[c_T, ∅, ∅] × [c_I, c_I, 0] per step, combined by `engine.guidance.combine_guidance`.
-With the model's own scheduler it reproduces diffusers' StableDiffusionInstructPix2PixPipeline
-step for step; it adds what an editor needs around it: working size, alpha, masks, detail
-preservation, batched variants, progress, cancellation and memory handling.
+Family-agnostic: the model maths (loading, the family's parameters, its working-size rule, the
+denoising call) is the family's (`engine.families`); the editor adds what every family needs
+around it: image preparation (alpha over white paper), the working size, detail preservation
+back at the input's size, masks, variants in chunks (variant k = seed + k, equal to a single
+run), the out-of-memory ladder, the memory plan, LoRAs (diffusers' common API), progress with
+previews and cancel within one step (`StepHooks`), and a lock (one edit at a time).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-    StableDiffusionInstructPix2PixPipeline,
-)
-from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from engine import imaging
 from engine.devices import (
+    GIB,
+    LARGE_WORKING_PIXELS,
+    check_memory_plan,
+    choose_memory_plan,
+    device_memory,
+    estimate_vram_gb,
     free_memory,
     is_out_of_memory,
-    plan_memory,
+    memory_report,
+    next_memory_plan,
     resolve_device,
     resolve_dtype,
 )
 from engine.errors import EditCancelled, InvalidInput, OutOfMemory
-from engine.guidance import combine_guidance, rows_needed
-from engine.models import load_pipeline, lora_adapter_name, resolve_lora_path
+from engine.families import (
+    Family,
+    catalogue_entry,
+    detect_family,
+    family_of_pipeline,
+    get_family,
+)
+from engine.families.base import RunInputs, StepHooks
+from engine.manifest import DEFAULT_MODEL
+from engine.models import load_pipeline
 from engine.request import EditParams, LoraSpec
-
-SCHEDULER_CLASSES = {
-    "euler-a": EulerAncestralDiscreteScheduler,
-    "euler": EulerDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "ddim": DDIMScheduler,
-    "lcm": LCMScheduler,
-}
+from engine.sources import (
+    ModelSource,
+    hub_file,
+    lora_adapter_name,
+    resolve_lora_path,
+    resolve_model_source,
+)
 
 
 @dataclass(frozen=True)
@@ -60,46 +66,72 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 
 
+@dataclass(frozen=True)
+class ResolvedEdit:
+    """An edit's model-dependent values, defaults filled in and checked against the family."""
+
+    steps: int
+    resolution: int
+    options: Mapping[str, Any]
+
+
 class Editor:
-    """One loaded model, ready to edit. Edits are serialised by a lock (one at a time)."""
+    """One loaded model, ready to edit. Edits are serialised by a lock (one at a time).
+
+    `model`: a catalogue id, hub id, diffusers folder or single file (default: the catalogue's
+    default model). `family`: a family id; None detects it. `memory_plan`: auto (chosen from
+    free VRAM and the model's needs), full, offload-text, model-offload, sequential-offload
+    (`memory_saving` is the older name: auto/off/slicing/offload).
+    """
 
     def __init__(
         self,
         model: str | Path | None = None,
         *,
+        family: str | Family | None = None,
         device: str = "auto",
         dtype: str = "auto",
         allow_pickle: bool = False,
-        memory_saving: str = "auto",
+        memory_plan: str = "auto",
+        memory_saving: str | None = None,
+        quantization: str | None = None,
         model_config: str | None = None,
-        pipeline: StableDiffusionInstructPix2PixPipeline | None = None,
+        pipeline: Any = None,
     ) -> None:
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
         self.allow_pickle = allow_pickle
-        self.memory_saving = memory_saving
-        plan_memory(memory_saving, self.device, 0)  # validates the name early
+        if memory_plan == "auto" and memory_saving is not None:
+            memory_plan = memory_saving
+        self.requested_plan = check_memory_plan(memory_plan)
+        self.quantization = quantization if quantization not in (None, "none") else None
         self.model_name = str(model) if model is not None else None
-        self.pipe = pipeline if pipeline is not None else load_pipeline(
-            model, dtype=self.dtype, allow_pickle=allow_pickle, config=model_config
-        )
-        if self.pipe.unet.dtype != self.dtype:
-            self.pipe.to(dtype=self.dtype)
-        self.pipe.set_progress_bar_config(disable=True)
-        # NHWC convolutions: ~20 % faster for the UNet on CPUs (oneDNN) and on tensor-core GPUs.
-        self.pipe.unet.to(memory_format=torch.channels_last)
-        self.pipe.vae.to(memory_format=torch.channels_last)
-        self._offloaded = False
-        self._apply_memory_plan(0)
+        if pipeline is not None:
+            self.entry = catalogue_entry(self.model_name)
+            self.family = _as_family(family) or family_of_pipeline(pipeline)
+            self.dtype = resolve_dtype(dtype, self.device, self.family.preferred_dtype)
+            self.pipe = pipeline
+        else:
+            source, config, self.entry = resolve_source(model, model_config, allow_pickle)
+            self.family = (_as_family(family)
+                           or (get_family(self.entry["family"]) if self.entry else None)
+                           or detect_family(source, config, allow_pickle))
+            self.dtype = resolve_dtype(dtype, self.device, self.family.preferred_dtype)
+            self.pipe = load_pipeline(source, self.family, self.dtype, self.quantization, config,
+                                      allow_pickle=allow_pickle, entry=self.entry)
+        self.pipe = self.family.prepare(self.pipe, self.dtype)
         self._lock = threading.Lock()
         self._loaded_loras: dict[str, str] = {}  # adapter name -> file
-        self._empty_text: torch.Tensor | None = None
+        self.plan: str | None = None
+        self._text_hooks: list[Any] = []
+        self._denoiser_hook: Any = None
+        self._savers_on = False
+        self._apply_plan(self._initial_plan())
 
     @classmethod
-    def from_pipeline(
-        cls, pipe: StableDiffusionInstructPix2PixPipeline, *, device: str = "auto", dtype: str = "auto"
-    ) -> Editor:
-        return cls(pipeline=pipe, device=device, dtype=dtype)
+    def from_pipeline(cls, pipe: Any, *, family: str | Family | None = None, device: str = "auto",
+                      dtype: str = "auto", memory_plan: str = "auto", model: str | None = None) -> Editor:
+        """Wrap an already built pipeline; its family is detected from its class."""
+        return cls(model, pipeline=pipe, family=family, device=device, dtype=dtype, memory_plan=memory_plan)
 
     # ---------------------------------------------------------------- public API
     def edit(
@@ -115,24 +147,21 @@ class Editor:
         """Return `params.variants` edited images, each of the input's exact size.
 
         Variant k uses seed + k and equals a single edit with that seed. Raises EditCancelled
-        within one step of `cancel` being set, InvalidInput for unusable images or masks, and
-        OutOfMemory when even one variant at a time does not fit.
+        within one step of `cancel` being set, InvalidInput for unusable images, masks or
+        parameters, and OutOfMemory when even one variant at a time does not fit.
         """
         prepared = imaging.prepare_image(image)
         weights = imaging.prepare_mask(mask, prepared.size) if mask is not None else None
+        resolved = self.resolve(params)
         if params.is_empty:
             return [prepared.original.copy() for _ in range(params.variants)]
-        size = imaging.working_size(*prepared.size, params.resolution, multiple=8)
+        size = self.family.working_size(*prepared.size, resolved.resolution)
         working_input = imaging.resize_to_working_size(prepared, size)
         with self._lock:
-            results = self.edit_working_size(
-                working_input, params, on_progress=on_progress, cancel=cancel, preview_every=preview_every
-            )
+            results = self._edit_working(working_input, params, resolved, on_progress, cancel, preview_every)
         out = []
         for result in results:
-            full = imaging.bring_back_to_input_size(
-                prepared.rgb, working_input, result, params.preserve_detail
-            )
+            full = imaging.bring_back_to_input_size(prepared.rgb, working_input, result, params.preserve_detail)
             out.append(imaging.finish(prepared, full, weights))
         return out
 
@@ -146,29 +175,66 @@ class Editor:
         preview_every: int = 0,
     ) -> list[np.ndarray]:
         """The model part: H×W×3 floats in [0, 1] in, one such array per variant out."""
+        resolved = self.resolve(params)
+        with self._lock:
+            return self._edit_working(working_input, params, resolved, on_progress, cancel, preview_every)
+
+    def resolve(self, params: EditParams) -> ResolvedEdit:
+        """Steps, resolution and the family's options: the request's, else the catalogue entry's
+        recommendation, else the family's defaults; each checked (InvalidInput naming the field)."""
+        family = self.family
+        recommended = (self.entry or {}).get("recommended") or {}
+        steps = params.steps or recommended.get("steps") or family.steps.default
+        if not family.steps.minimum <= steps <= family.steps.maximum:
+            raise InvalidInput(
+                f"steps must be a whole number from {family.steps.minimum} to {family.steps.maximum} "
+                f"for {family.label} models (got {steps})", "steps")
+        rule = family.resolution
+        resolution = params.resolution or recommended.get("resolution") or rule.default
+        if not rule.minimum <= resolution <= rule.maximum:
+            raise InvalidInput(
+                f"resolution must be from {rule.minimum} to {rule.maximum} for {family.label} models "
+                f"(got {resolution})", "resolution")
+        taken = {spec.name for spec in family.params}
+        defaults = {k: v for k, v in (recommended.get("options") or {}).items() if k in taken}
+        options = family.resolve_options({**defaults, **params.options})
+        return ResolvedEdit(steps=int(steps), resolution=int(resolution), options=options)
+
+    def memory_report(self) -> dict[str, Any]:
+        """{device, plan, free_bytes, total_bytes, quantization} for `/v1/health`."""
+        return memory_report(self.device, self.plan, self.quantization)
+
+    # ---------------------------------------------------------------- variants & the ladder
+    def _edit_working(
+        self,
+        working_input: np.ndarray,
+        params: EditParams,
+        resolved: ResolvedEdit,
+        on_progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+        preview_every: int,
+    ) -> list[np.ndarray]:
         height, width = working_input.shape[:2]
-        if height % 8 or width % 8:
-            raise InvalidInput(f"working size {width}×{height} must be a multiple of 8", "resolution")
-        self._apply_memory_plan(width * height)
+        multiple = self.family.resolution.multiple
+        if height % multiple or width % multiple:
+            raise InvalidInput(f"working size {width}×{height} must be a multiple of {multiple}", "resolution")
         self._activate_loras(params.loras)
+        self._apply_working_size_savers(width * height)
         seeds = [params.seed + k for k in range(params.variants)]
         chunk = len(seeds)
         results: list[np.ndarray] = []
         while len(results) < len(seeds):
             todo = seeds[len(results) : len(results) + chunk]
             try:
-                results.extend(
-                    self._run(working_input, params, todo, on_progress, cancel, preview_every, len(results))
-                )
+                results.extend(self._run(working_input, params.instruction, resolved, todo,
+                                         on_progress, cancel, preview_every, len(results)))
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
                 free_memory(self.device)
                 if chunk > 1:
                     chunk = max(1, chunk // 2)
-                elif not self._memory_savers_maxed():
-                    self._max_out_memory_savers()
-                else:
+                elif not self._step_down_memory():
                     raise OutOfMemory(
                         f"out of memory at {width}×{height} even one variant at a time with every "
                         "memory saver on; lower the resolution or close other GPU programs",
@@ -176,96 +242,44 @@ class Editor:
                     ) from err
         return results
 
-    # ------------------------------------------------------------- the method
-    @torch.inference_mode()
     def _run(
         self,
         working_input: np.ndarray,
-        params: EditParams,
+        instruction: str,
+        resolved: ResolvedEdit,
         seeds: Sequence[int],
         on_progress: ProgressCallback | None,
         cancel: threading.Event | None,
         preview_every: int,
         done_before: int,
     ) -> list[np.ndarray]:
-        pipe = self.pipe
-        device = self._execution_device()
-        batch = len(seeds)
-        s_t, s_i = params.text_guidance, params.image_guidance
-        rows = rows_needed(s_t, s_i)
+        """One chunk of variants through the family's denoising, with progress and cancel."""
+        height, width = working_input.shape[:2]
+        family, pipe = self.family, self.pipe
 
-        text = self._encode_text(params.instruction, device)
-        empty = self._encode_empty_text(device)
-        image = imaging.pil_to_model_tensor(working_input).to(device=device, dtype=text.dtype)
-        image_latent = pipe.vae.encode(image).latent_dist.mode()  # unscaled, as trained
-        zero_latent = torch.zeros_like(image_latent)
-
-        # Rows are grouped by branch (all variants' e_c, then e_i, then e_u), as diffusers does.
-        text_rows = [text, empty, empty][:rows]
-        image_rows = [image_latent, image_latent, zero_latent][:rows]
-        text_embeds = torch.cat([t.expand(batch, -1, -1) for t in text_rows])
-        image_latents = torch.cat([i.expand(batch, -1, -1, -1) for i in image_rows])
-
-        scheduler = self._make_scheduler(params.scheduler)
-        scheduler.set_timesteps(params.steps, device=device)
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        latent_shape = (batch, pipe.vae.config.latent_channels, *image_latent.shape[-2:])
-        latents = randn_tensor(latent_shape, generator=generators, device=device, dtype=text.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
-
-        total = len(scheduler.timesteps)
-        for i, t in enumerate(scheduler.timesteps):
+        def step(i: int, total: int, latents: torch.Tensor | None) -> None:
             if cancel is not None and cancel.is_set():
                 raise EditCancelled()
-            model_input = scheduler.scale_model_input(torch.cat([latents] * rows), t)
-            model_input = torch.cat([model_input, image_latents], dim=1)
-            noise = pipe.unet(model_input, t, encoder_hidden_states=text_embeds, return_dict=False)[0]
-            branches = list(noise.chunk(rows)) + [None] * (3 - rows)
-            guided = combine_guidance(branches[0], branches[1], branches[2], s_t, s_i)
-            latents = scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]
             if on_progress is not None:
-                want_preview = preview_every > 0 and done_before == 0 and (i + 1) % preview_every == 0
-                preview = imaging.latent_preview(latents) if want_preview else None
-                on_progress(Progress(step=i + 1, total=total, preview=preview))
+                want = preview_every > 0 and done_before == 0 and i % preview_every == 0
+                preview = family.preview(pipe, latents, (width, height)) if want and latents is not None else None
+                on_progress(Progress(step=i, total=total, preview=preview))
+            if cancel is not None and cancel.is_set():  # set during the callback: stop now
+                raise EditCancelled()
+
         if cancel is not None and cancel.is_set():
             raise EditCancelled()
-        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        return list(imaging.model_tensor_to_float(decoded))
+        inputs = RunInputs(image=working_input, instruction=instruction, steps=resolved.steps,
+                           seeds=list(seeds), options=dict(resolved.options))
+        results = family.run(pipe, inputs, StepHooks(step=step), self._execution_device())
+        if cancel is not None and cancel.is_set():
+            raise EditCancelled()
+        return results
 
-    def _encode_text(self, text: str, device: torch.device) -> torch.Tensor:
-        tokenizer, encoder = self.pipe.tokenizer, self.pipe.text_encoder
-        ids = tokenizer(
-            [text],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        mask = None
-        if getattr(encoder.config, "use_attention_mask", False):
-            mask = (ids != tokenizer.pad_token_id).long().to(device)
-        return encoder(ids.to(device), attention_mask=mask)[0].to(dtype=encoder.dtype)
-
-    def _encode_empty_text(self, device: torch.device) -> torch.Tensor:
-        # The "null text" is CLIP's embedding of "", not zeros; it never changes, so keep it.
-        if self._empty_text is None or self._empty_text.device != device:
-            self._empty_text = self._encode_text("", device)
-        return self._empty_text
-
-    def _make_scheduler(self, name: str):
-        # A fresh scheduler per edit: schedulers keep per-run state (step index).
-        config = self.pipe.scheduler.config
-        if name == "default":
-            return type(self.pipe.scheduler).from_config(config)
-        if name == "dpm++":
-            return DPMSolverMultistepScheduler.from_config(
-                config, algorithm_type="dpmsolver++", use_karras_sigmas=True
-            )
-        return SCHEDULER_CLASSES[name].from_config(config)
-
-    # ------------------------------------------------------------ LoRA & memory
+    # ---------------------------------------------------------------- LoRAs
     def _activate_loras(self, loras: Sequence[LoraSpec]) -> None:
+        if loras and not self.family.supports_loras:
+            raise InvalidInput(f"{self.family.label} models take no LoRAs", "loras")
         if not loras:
             if self._loaded_loras:
                 self.pipe.disable_lora()
@@ -277,7 +291,7 @@ class Editor:
             if name not in self._loaded_loras:
                 try:
                     self.pipe.load_lora_weights(str(path), adapter_name=name)
-                except (ValueError, OSError, KeyError, RuntimeError) as err:
+                except (ValueError, OSError, KeyError, RuntimeError, AttributeError) as err:
                     raise InvalidInput(
                         f"could not load LoRA {path.name}: {str(err).splitlines()[0][:200]}", "loras"
                     ) from err
@@ -287,34 +301,129 @@ class Editor:
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=strengths)
 
+    # ---------------------------------------------------------------- memory
+    def _vram_table(self) -> dict[str, float]:
+        entry = self.entry or {}
+        table = dict(entry.get("vram_gb") or {})
+        if self.quantization:
+            table.update((entry.get("quantizations") or {}).get(self.quantization) or {})
+        if table:
+            return table
+        sizes = {name: _module_bytes(module) for name, module in self.pipe.components.items()
+                 if isinstance(module, torch.nn.Module)}
+        return estimate_vram_gb(sizes, self.family.text_encoders)
+
+    def _initial_plan(self) -> str:
+        if self.device.type != "cuda":
+            return "full"
+        if self.requested_plan != "auto":
+            return self.requested_plan
+        free, _ = device_memory(self.device)
+        return choose_memory_plan(self._vram_table(), free, self.device)
+
+    def _apply_plan(self, plan: str, *, on_any_device: bool = False) -> None:
+        """Put the pipeline's components where `plan` wants them (`on_any_device`: also on a
+        CPU, where offloading saves nothing; the tests use it to run the plumbing)."""
+        if plan == self.plan:
+            return
+        if self.device.type != "cuda" and not on_any_device:
+            plan = "full"  # nothing to offload to
+        self._clear_offload()
+        pipe = self.pipe
+        if plan == "full":
+            pipe.to(self.device)
+        elif plan == "offload-text":
+            from accelerate import cpu_offload_with_hook
+
+            for name, module in pipe.components.items():
+                if not isinstance(module, torch.nn.Module):
+                    continue
+                if name in self.family.text_encoders:
+                    module.to("cpu")
+                    self._text_hooks.append(cpu_offload_with_hook(module, execution_device=self.device)[1])
+                else:
+                    module.to(self.device)
+            denoiser = getattr(pipe, self.family.denoiser, None)
+            if isinstance(denoiser, torch.nn.Module):
+                self._denoiser_hook = denoiser.register_forward_pre_hook(self._offload_text_encoders)
+        elif plan == "model-offload":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif plan == "sequential-offload":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:  # pragma: no cover - check_memory_plan guards the names
+            raise InvalidInput(f"unknown memory plan {plan!r}", "memory_plan")
+        self.plan = plan
+
+    def _offload_text_encoders(self, *_: Any) -> None:
+        """The denoiser is about to run: the text encoders' work is done, give their room back."""
+        moved = False
+        for hook in self._text_hooks:
+            module = getattr(hook, "model", None)
+            if module is not None and next(module.parameters()).device.type != "cpu":
+                hook.offload()
+                moved = True
+        if moved:
+            free_memory(self.device)
+
+    def _clear_offload(self) -> None:
+        if self._denoiser_hook is not None:
+            self._denoiser_hook.remove()
+            self._denoiser_hook = None
+        if self.plan in ("offload-text", "model-offload") and hasattr(self.pipe, "remove_all_hooks"):
+            self.pipe.remove_all_hooks()
+        self._text_hooks = []
+
+    def _apply_working_size_savers(self, working_pixels: int) -> None:
+        vae = getattr(self.pipe, "vae", None)
+        tiling = self._savers_on or working_pixels > LARGE_WORKING_PIXELS
+        switch = getattr(vae, "enable_tiling" if tiling else "disable_tiling", None)
+        if callable(switch):
+            switch()
+
+    def _step_down_memory(self) -> bool:
+        """One rung down the out-of-memory ladder; False when there is none left."""
+        if self.device.type != "cuda":
+            return False
+        if not self._savers_on:
+            self._savers_on = True
+            if hasattr(self.pipe, "enable_attention_slicing"):
+                self.pipe.enable_attention_slicing()
+            return True
+        lighter = next_memory_plan(self.plan or "full")
+        if lighter is None:
+            return False
+        self._apply_plan(lighter)
+        return True
+
     def _execution_device(self) -> torch.device:
-        return self.pipe._execution_device if self._offloaded else self.device
-
-    def _apply_memory_plan(self, working_pixels: int) -> None:
-        plan = plan_memory(self.memory_saving, self.device, working_pixels)
-        if plan.cpu_offload and not self._offloaded:
-            self.pipe.enable_model_cpu_offload(device=self.device)
-            self._offloaded = True
-        elif not self._offloaded:
-            self.pipe.to(self.device)
-        if plan.attention_slicing:
-            self.pipe.enable_attention_slicing()
-        else:
-            self.pipe.disable_attention_slicing()
-        if plan.vae_tiling:
-            self.pipe.vae.enable_tiling()
-        else:
-            self.pipe.vae.disable_tiling()
-
-    def _memory_savers_maxed(self) -> bool:
-        return self.memory_saving == "offload" or self.device.type != "cuda"
-
-    def _max_out_memory_savers(self) -> None:
-        self.memory_saving = "offload"
-        self._apply_memory_plan(0)
+        if self.plan in ("model-offload", "sequential-offload"):
+            return self.pipe._execution_device
+        return self.device
 
 
-def _accepts_generator(scheduler: object) -> bool:
-    import inspect
+def resolve_source(model: str | Path | None, model_config: str | None,
+                   allow_pickle: bool) -> tuple[ModelSource, str | None, dict[str, Any] | None]:
+    """(source, config, catalogue entry) of a model name: catalogue ids first (a single-file
+    entry resolves to its file in the hub cache), then hub ids, folders and files."""
+    name = str(model) if model is not None else DEFAULT_MODEL
+    entry = catalogue_entry(name)
+    if entry is not None:
+        config = model_config or entry.get("config")
+        single = entry.get("single_file")
+        if single:
+            return ModelSource("single_file", str(hub_file(single["repo"], single["file"]))), config, entry
+        return resolve_model_source(entry["id"], allow_pickle), config, entry
+    return resolve_model_source(name, allow_pickle), model_config, None
 
-    return "generator" in inspect.signature(scheduler.step).parameters  # type: ignore[attr-defined]
+
+def _as_family(family: str | Family | None) -> Family | None:
+    if family is None or isinstance(family, Family):
+        return family
+    return get_family(family)
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+__all__ = ["GIB", "Editor", "Progress", "ResolvedEdit", "resolve_source"]

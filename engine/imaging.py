@@ -21,6 +21,27 @@ PAPER_WHITE = 1.0
 MAX_INPUT_PIXELS = 16384 * 16384
 
 
+def working_size_long_side(width: int, height: int, resolution: int, multiple: int = 8) -> tuple[int, int]:
+    """InstructPix2Pix's rule: the long side becomes `resolution` (see `working_size`)."""
+    return working_size(width, height, resolution, multiple)
+
+
+def working_size_area(width: int, height: int, pixels: int, multiple: int = 16) -> tuple[int, int]:
+    """The DiT families' rule: about `pixels` pixels at the input's aspect ratio.
+
+    Each side is rounded to the nearest multiple of `multiple` (at least one multiple), as
+    Qwen-Image's `calculate_dimensions` does; any aspect ratio works.
+    """
+    if width < 1 or height < 1:
+        raise InvalidInput(f"the image is {width}×{height} pixels; it needs at least 1×1", "image")
+    scale = (pixels / (width * height)) ** 0.5
+
+    def snap(side: int) -> int:
+        return max(multiple, round(side * scale / multiple) * multiple)
+
+    return snap(width), snap(height)
+
+
 def working_size(width: int, height: int, resolution: int, multiple: int = 8) -> tuple[int, int]:
     """Scale so the long side is `resolution`; both sides multiples of `multiple` (≥ one multiple).
 
@@ -158,18 +179,24 @@ def model_tensor_to_float(decoded: torch.Tensor) -> np.ndarray:
 
 
 # Linear map from SD 1.x latents to RGB: a cheap preview without running the VAE decoder.
-_LATENT_RGB = torch.tensor(
-    [
-        [0.3512, 0.2297, 0.3227],
-        [0.3250, 0.4974, 0.2350],
-        [-0.2829, 0.1762, 0.2721],
-        [-0.2120, -0.2616, -0.7177],
-    ]
+SD1_LATENT_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
 )
 
 
-def latent_preview(latents: torch.Tensor) -> Image.Image:
-    """An RGB thumbnail (latent resolution) of the first sample's current latents."""
-    rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), _LATENT_RGB)
+def latent_preview(
+    latents: torch.Tensor,
+    factors: tuple[tuple[float, ...], ...] = SD1_LATENT_RGB,
+    bias: tuple[float, float, float] | None = None,
+) -> Image.Image:
+    """An RGB thumbnail (latent resolution) of the first sample's latents (C×H×W, channels
+    mapped linearly by `factors` (C rows of R, G, B) plus `bias`)."""
+    matrix = torch.tensor(factors, dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), matrix)
+    if bias is not None:
+        rgb = rgb + torch.tensor(bias, dtype=torch.float32)
     rgb = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
     return Image.fromarray(rgb, "RGB")

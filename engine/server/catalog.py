@@ -8,14 +8,16 @@ be a file listed from a configured LoRA folder. Lookups match exact listed names
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidInput
 from engine.request import EditParams, LoraSpec
+from engine.server import families
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +31,50 @@ class ModelEntry:
     architecture: str | None = None
     licence: str | None = None
     description: str | None = None
+    # The model family id (engine.families), None when it cannot be told without loading.
+    family: str | None = None
+    # The catalogue entry as published (licence, sizes, recommended values, presets …).
+    catalogue: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 def _load_catalogue() -> list[dict[str, Any]]:
     try:
-        from engine.models import load_catalogue
-
-        return [entry for entry in load_catalogue() if isinstance(entry, dict) and "id" in entry]
+        entries = families.load_catalogue()
+        return [entry for entry in entries if isinstance(entry, dict) and "id" in entry]
     except (OSError, ValueError, KeyError) as err:
         log.warning("model catalogue unreadable (%s); only local models are offered", err)
         return []
 
 
-def in_hf_cache(repo_id: str) -> bool:
-    """True when a diffusers model of this hub id is in the local Hugging Face cache (offline check)."""
+def _folder_family(folder: Path) -> str | None:
+    """The family of a diffusers folder, from model_index.json's `_class_name`."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    return families.family_id_for_pipeline_class(name) if isinstance(name, str) else None
+
+
+def in_hf_cache(repo_id: str, filename: str = "model_index.json") -> bool:
+    """True when this file of a hub repository (by default a diffusers model's index) is in the
+    local Hugging Face cache (offline check)."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
         return False
     try:
-        found = try_to_load_from_cache(repo_id, "model_index.json")
+        found = try_to_load_from_cache(repo_id, filename)
     except Exception:  # a malformed id or an unreadable cache: not available
         return False
     return isinstance(found, str)
 
 
 def _weights_suffixes(allow_pickle: bool) -> tuple[str, ...]:
-    from engine.models import PICKLE_SUFFIXES, SAFE_SUFFIXES
+    try:
+        from engine.sources import PICKLE_SUFFIXES, SAFE_SUFFIXES
+    except ImportError:  # before engine.sources existed
+        from engine.models import PICKLE_SUFFIXES, SAFE_SUFFIXES
 
     return SAFE_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
 
@@ -113,6 +132,21 @@ class ModelCatalog:
         self.loras_dirs = loras_dirs
         self.allow_pickle = allow_pickle
         self.catalogue = _load_catalogue() if catalogue is None else catalogue
+        # (path, mtime) -> family id: folders are re-read on each listing, files are not.
+        self._family_cache: dict[tuple[str, int], str | None] = {}
+
+    def _local_family(self, path: Path) -> str | None:
+        """A folder's family from its model_index.json; a single file's from its weight names
+        (SDXL or not), `sd-ip2p` when they do not say."""
+        try:
+            key = (str(path), path.stat().st_mtime_ns)
+        except OSError:
+            return None
+        if key not in self._family_cache:
+            self._family_cache[key] = (
+                _folder_family(path) if path.is_dir() else families.single_file_family_id(path)
+            )
+        return self._family_cache[key]
 
     def entries(self) -> list[ModelEntry]:
         entries: dict[str, ModelEntry] = {}
@@ -125,19 +159,35 @@ class ModelCatalog:
                 architecture=item.get("architecture"),
                 licence=item.get("licence"),
                 description=item.get("description"),
+                family=item.get("family")
+                or families.family_id_for_architecture(item.get("architecture")),
+                catalogue=item,
             )
         for folder in self.models_dirs:
             for name, path in _scan_models_dir(folder, self.allow_pickle).items():
                 entries.setdefault(
-                    name, ModelEntry(id=name, source="models-dir", target=str(path), name=name)
+                    name,
+                    ModelEntry(
+                        id=name,
+                        source="models-dir",
+                        target=str(path),
+                        name=name,
+                        family=self._local_family(path),
+                    ),
                 )
         if self.default_model not in entries:
             # The operator's --model (a hub id, folder or file they chose) is always offered.
+            local = Path(self.default_model).expanduser()
             entries[self.default_model] = ModelEntry(
                 id=self.default_model,
                 source="command-line",
                 target=self.default_model,
                 name=Path(self.default_model).name or self.default_model,
+                family=(
+                    self._local_family(local.resolve())
+                    if local.exists()
+                    else families.hub_family_id(self.default_model)
+                ),
             )
         return list(entries.values())
 
@@ -146,6 +196,13 @@ class ModelCatalog:
             return Path(entry.target).exists()
         if Path(entry.target).exists():
             return True
+        single_file = entry.catalogue.get("single_file")
+        if isinstance(single_file, dict) and single_file.get("repo") and single_file.get("file"):
+            # A single-file model (CosXL Edit): its checkpoint, plus the config it loads with.
+            config = entry.catalogue.get("config")
+            return in_hf_cache(single_file["repo"], single_file["file"]) and (
+                not isinstance(config, str) or in_hf_cache(config)
+            )
         return in_hf_cache(entry.target)
 
     def loras(self) -> dict[str, Path]:
@@ -167,8 +224,11 @@ class ModelCatalog:
         )
 
     def resolve_params(self, params: EditParams) -> tuple[EditParams, ModelEntry]:
-        """The model entry, and params whose LoRA names are replaced by their absolute paths."""
+        """The model entry, and params whose family parameters the model's family has checked
+        (a parameter it does not take is an InvalidInput naming it) and whose LoRA names are
+        replaced by their absolute paths."""
         entry = self.resolve_model(params.model)
+        params = families.check_options(params, entry.family)
         if not params.loras:
             return params, entry
         if not self.loras_dirs:

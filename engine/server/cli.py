@@ -24,6 +24,14 @@ from engine.server.auth import TokenError, is_loopback, load_token
 from engine.server.settings import ServerSettings
 
 DEFAULT_PORT = 8765
+MEMORY_PLANS = ("auto", "full", "offload-text", "model-offload", "sequential-offload")
+QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit", "torchao-int8", "gguf")
+_MEMORY_SAVING_PLANS = {
+    "auto": "auto",
+    "off": "full",
+    "slicing": "full",
+    "offload": "model-offload",
+}
 PARENT_POLL_S = 1.0
 log = logging.getLogger("instruct_edit.serve")
 
@@ -95,10 +103,24 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="precision (default auto)",
     )
     models.add_argument(
+        "--memory-plan",
+        default=None,
+        choices=MEMORY_PLANS,
+        help="what stays on the GPU: full, offload-text (text encoders in RAM), model-offload, "
+        "sequential-offload (slowest, least VRAM); default auto: chosen from free VRAM",
+    )
+    models.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="load the large components quantized: bnb-8bit/bnb-4bit (bitsandbytes, CUDA), "
+        "torchao-int8, gguf (a .gguf transformer file); default none",
+    )
+    models.add_argument(
         "--memory-saving",
         default="auto",
         choices=("auto", "off", "slicing", "offload"),
-        help="memory savers (default auto: decided from VRAM and size)",
+        help="older name of --memory-plan (off/slicing = full, offload = model-offload)",
     )
     models.add_argument(
         "--allow-pickle",
@@ -198,6 +220,8 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
     if args.parent_pid is not None and not pid_alive(args.parent_pid):
         raise ServeError(f"--parent-pid {args.parent_pid}: no such process")
     _check_devices(devices, args.dtype)
+    _check_quantization(args.quantization)
+    memory_plan = args.memory_plan or _MEMORY_SAVING_PLANS[args.memory_saving]
     try:
         settings = ServerSettings(
             token=source.token,
@@ -205,6 +229,8 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
             devices=devices,
             dtype=args.dtype,
             memory_saving=args.memory_saving,
+            memory_plan=memory_plan,
+            quantization=args.quantization,
             allow_pickle=args.allow_pickle,
             queue_size=args.queue_size,
             models_dirs=tuple(p.resolve() for p in args.models_dir),
@@ -215,6 +241,7 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
             max_image_pixels=args.max_image_pixels,
             max_loaded_models=args.max_loaded_models,
             preload=args.preload,
+            token_file=source.path.resolve() if source.path is not None else None,
         )
     except ValueError as err:
         raise ServeError(str(err)) from err
@@ -234,6 +261,19 @@ def _check_devices(devices: tuple[str, ...], dtype: str) -> None:
             resolve_dtype(dtype, resolve_device(device))
         except InvalidInput as err:
             raise ServeError(err.message) from err
+
+
+def _check_quantization(name: str) -> None:
+    """Refuse a quantization whose backend is missing or needs a GPU this machine lacks."""
+    if name == "none":
+        return
+    from engine.errors import InvalidInput
+    from engine.quantization import quantization_config
+
+    try:
+        quantization_config(name, ("transformer",))
+    except InvalidInput as err:
+        raise ServeError(err.message) from err
 
 
 def pid_alive(pid: int) -> bool:

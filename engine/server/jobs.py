@@ -22,11 +22,25 @@ from PIL import Image
 from engine.request import EditParams
 from engine.server.catalog import ModelEntry
 from engine.server.errors import ApiError
+from engine.server.images import stored_pixel_bytes
 
 # Fetched results stay this long (at most the TTL) so a client can retry a failed download.
 FETCHED_GRACE_S = 30.0
 # Finished jobs' records (small: no images) are kept up to this many, then the oldest go.
 MAX_FINISHED_RECORDS = 10_000
+
+
+@dataclass
+class StoredResult:
+    """One result kept in memory as pixels (what the editor returned), plus its PNG once a
+    client asked for PNG (encoded on request, cached for a second fetch, counted too)."""
+
+    image: Image.Image
+    png: bytes | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return stored_pixel_bytes(self.image) + (len(self.png) if self.png is not None else 0)
 
 
 class JobState(str, Enum):
@@ -61,7 +75,7 @@ class Job:
     error: str | None = None
     error_field: str | None = None
     result_count: int = 0
-    results: list[bytes] | None = None  # None before done and after release
+    results: list[StoredResult] | None = None  # None before done and after release
     fetched: set[int] = field(default_factory=set)
     all_fetched_mono: float | None = None
     released_reason: str | None = None
@@ -73,7 +87,7 @@ class Job:
 
     @property
     def result_bytes(self) -> int:
-        return sum(len(png) for png in self.results) if self.results else 0
+        return sum(result.nbytes for result in self.results) if self.results else 0
 
     def eta_s(self, now: float) -> float | None:
         if self.state is not JobState.RUNNING or self.first_step_mono is None or self.step < 1:
@@ -132,7 +146,8 @@ class JobQueue:
         with self._lock:
             if len(self._queued) >= self.capacity:
                 raise QueueFull(self.capacity, self._retry_after_locked())
-            job.total = job.params.steps  # until the editor reports its own count
+            # Until the editor reports its own count (None: the model's recommended steps).
+            job.total = job.params.steps or 0
             self._jobs[job.id] = job
             self._queued.append(job)
             self._work_ready.notify()
@@ -185,7 +200,7 @@ class JobQueue:
             listeners = self._touch(job)
         _notify(listeners)
 
-    def finish_done(self, job: Job, results: list[bytes]) -> None:
+    def finish_done(self, job: Job, results: list[StoredResult]) -> None:
         with self._lock:
             job.results = results
             job.result_count = len(results)
@@ -254,7 +269,8 @@ class JobQueue:
         _notify(listeners)
         return job
 
-    def result_png(self, job_id: str, index: int) -> bytes:
+    def result(self, job_id: str, index: int) -> StoredResult:
+        """Result `index` of a done job (409/404/410 otherwise); it counts as downloaded."""
         job = self.get(job_id)
         with self._lock:
             if job.state is not JobState.DONE:
@@ -273,11 +289,25 @@ class JobQueue:
                 raise ApiError(
                     410, f"result {index} of edit {job_id} is gone: {job.released_reason}", "k"
                 )
-            png = job.results[index]
+            result = job.results[index]
             job.fetched.add(index)
             if len(job.fetched) == job.result_count and job.all_fetched_mono is None:
                 job.all_fetched_mono = self._clock()
-        return png
+        return result
+
+    def cache_png(self, job_id: str, result: StoredResult, png: bytes) -> None:
+        """Keep a result's encoded PNG for another fetch, when it fits under the memory limit
+        without releasing anything (else it is simply encoded again)."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.results is None or result.png is not None:
+                return
+            if not any(stored is result for stored in job.results):
+                return
+            if self._stored_bytes + len(png) > self.result_memory_bytes:
+                return
+            result.png = png
+            self._stored_bytes += len(png)
 
     def queue_position(self, job: Job) -> int | None:
         with self._lock:

@@ -104,7 +104,12 @@ class UploadLimit:
             await self.app(scope, receive, send)
             return
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if (
+            declared is not None
+            and declared.isascii()
+            and declared.isdigit()
+            and int(declared) > self.limit
+        ):
             await _send_error(send, 413, self._too_large(int(declared)), "image", {})
             return
         received = 0

@@ -6,19 +6,29 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Request, UploadFile
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from engine.errors import InvalidInput
 from engine.request import MAX_STEPS, EditParams
-from engine.server.auth import require_token
+from engine.server.auth import is_loopback, require_token
 from engine.server.errors import ApiError
-from engine.server.images import decode_png, to_edit_mode
+from engine.server.images import (
+    IMAGE_RAW_FORMATS,
+    MASK_RAW_FORMATS,
+    RAW_MEDIA_TYPE,
+    decode_upload,
+    encode_png,
+    encode_raw,
+    raw_media_type,
+    to_edit_mode,
+)
 from engine.server.jobs import Job
+from engine.server.multipart import parse_multipart, read_body
 from engine.server.schema import (
     ErrorResponse,
     Health,
@@ -30,6 +40,61 @@ from engine.server.service import Service
 
 FORM_FIELDS = frozenset({"image", "mask", "params", "preview_every"})
 INLINE_DECODE_BYTES = 64 * 1024
+MAX_PARAMS_CHARS = 64 * 1024
+RESULT_INLINE_PIXELS = 256 * 256
+
+_PART_TYPES = (
+    f"`image/png`, or raw pixels: `{RAW_MEDIA_TYPE}; format=bgra8|rgba8; width=W; height=H`"
+)
+EDIT_REQUEST_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "title": "EditRequest",
+                "type": "object",
+                "required": ["image", "params"],
+                "additionalProperties": False,
+                "properties": {
+                    "image": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "The image at full resolution, losslessly: the part's "
+                        f"Content-Type is {_PART_TYPES} (8 bits per channel, not premultiplied, "
+                        "rows top to bottom, tightly packed: W·H·4 bytes). Transparency is kept.",
+                    },
+                    "mask": {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "Optional mask of the image's size (white/255 = edit, "
+                        "black/0 = keep, grey = blend): PNG, or raw "
+                        f"`{RAW_MEDIA_TYPE}; format=gray8; width=W; height=H` (W·H bytes).",
+                    },
+                    "params": {
+                        "type": "string",
+                        "maxLength": MAX_PARAMS_CHARS,
+                        "contentMediaType": "application/json",
+                        "contentSchema": {"$ref": "#/components/schemas/EditParams"},
+                        "description": "A JSON object with the edit's parameters (schema "
+                        'EditParams), e.g. {"instruction": "make it evening", "variants": 2}.',
+                    },
+                    "preview_every": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": MAX_STEPS,
+                        "default": 0,
+                        "description": "Send a preview thumbnail in events every N steps "
+                        "(0: none).",
+                    },
+                },
+            },
+            "encoding": {
+                "image": {"contentType": f"image/png, {RAW_MEDIA_TYPE}"},
+                "mask": {"contentType": f"image/png, {RAW_MEDIA_TYPE}"},
+            },
+        }
+    },
+}
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -78,8 +143,9 @@ protected = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], tags=
 @public.get(
     "/health", response_model=Health, summary="Is the service up, and which model is loaded"
 )
-async def health(service: ServiceDep) -> Health:
-    return service.health()
+async def health(request: Request, service: ServiceDep) -> Health:
+    client = request.client.host if request.client is not None else ""
+    return service.health(local_client=is_loopback(client))
 
 
 @protected.get(
@@ -106,59 +172,70 @@ def _parse_params(text: str) -> EditParams:
     return EditParams.from_dict(data)
 
 
+def _preview_every(text: str | None) -> int:
+    if text is None:
+        return 0
+    value = text.strip()
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_STEPS:
+        raise ApiError(
+            422,
+            f"preview_every must be a whole number from 0 to {MAX_STEPS} (got {value[:20]!r})",
+            "preview_every",
+        )
+    return int(value)
+
+
 @protected.post(
     "/edits",
     status_code=202,
     response_model=JobAccepted,
     responses=_errors(*AUTH_ERRORS, 413, 429),
     summary="Queue an edit",
+    openapi_extra={"requestBody": EDIT_REQUEST_BODY},
 )
-async def submit_edit(
-    request: Request,
-    service: ServiceDep,
-    image: Annotated[UploadFile, File(description="The image to edit (PNG, RGB or RGBA).")],
-    params: Annotated[
-        str,
-        Form(
-            description="A JSON object with the edit's parameters (schema EditParams): "
-            'e.g. {"instruction": "make it evening", "steps": 20, "variants": 2}.',
-            max_length=64 * 1024,
-        ),
-    ],
-    mask: Annotated[
-        UploadFile | None,
-        File(description="Optional PNG mask of the image's size: white is edited, black kept."),
-    ] = None,
-    preview_every: Annotated[
-        int,
-        Form(
-            ge=0,
-            le=MAX_STEPS,
-            description="Send a preview thumbnail in events every N steps (0: none).",
-        ),
-    ] = 0,
-) -> JobAccepted:
-    form = await request.form()
-    unknown = sorted(set(form.keys()) - FORM_FIELDS)
+async def submit_edit(request: Request, service: ServiceDep) -> JobAccepted:
+    # The body is read and split here (engine.server.multipart), not by FastAPI's form
+    # parameters: a large raw upload then costs no temporary file and no extra copy.
+    body = await read_body(request)
+    content_type = request.headers.get("content-type")
+    if len(body) <= INLINE_DECODE_BYTES:
+        parts = parse_multipart(content_type, body)
+    else:  # splitting tens of MiB takes milliseconds: not on the event loop
+        parts = await run_in_threadpool(parse_multipart, content_type, body)
+    unknown = sorted(set(parts) - FORM_FIELDS)
     if unknown:
         raise ApiError(
             422,
             f"unknown form field {unknown[0]!r}; the fields are image, mask, params, preview_every",
             unknown[0],
         )
+    for required in ("image", "params"):
+        if required not in parts:
+            raise ApiError(422, f"{required}: the part is missing", required)
+    params_text = parts["params"].text()
+    if len(params_text) > MAX_PARAMS_CHARS:
+        raise ApiError(422, f"params is longer than {MAX_PARAMS_CHARS} characters", "params")
+    preview_every = _preview_every(
+        parts["preview_every"].text() if "preview_every" in parts else None
+    )
     try:
-        edit_params, model = service.catalog.resolve_params(_parse_params(params))
+        edit_params, model = service.catalog.resolve_params(_parse_params(params_text))
     except InvalidInput as err:
         raise ApiError(422, err.message, err.field) from err
     max_pixels = service.settings.max_image_pixels
-    image_bytes = await image.read()
-    mask_bytes = await mask.read() if mask is not None else None
+    image_part, mask_part = parts["image"], parts.get("mask")
 
     def decode() -> tuple[Any, Any]:
-        picture = to_edit_mode(decode_png(image_bytes, "image", max_pixels))
+        picture = to_edit_mode(
+            decode_upload(
+                image_part.data, image_part.content_type, "image", max_pixels, IMAGE_RAW_FORMATS
+            )
+        )
         mask_picture = None
-        if mask_bytes is not None:
-            mask_picture = decode_png(mask_bytes, "mask", max_pixels)
+        if mask_part is not None:
+            mask_picture = decode_upload(
+                mask_part.data, mask_part.content_type, "mask", max_pixels, MASK_RAW_FORMATS
+            )
             if mask_picture.size != picture.size:
                 raise ApiError(
                     422,
@@ -166,12 +243,14 @@ async def submit_edit(
                     f"{picture.width}×{picture.height}; they must be the same size",
                     "mask",
                 )
-            mask_picture = mask_picture.convert("L")
+            if mask_picture.mode != "L":
+                mask_picture = mask_picture.convert("L")
         return picture, mask_picture
 
-    # Decoding a large PNG takes tens of milliseconds: keep it off the event loop. A small one
-    # decodes faster than the hop to the thread pool.
-    small = len(image_bytes) + len(mask_bytes or b"") <= INLINE_DECODE_BYTES
+    # Decoding a large image takes tens of milliseconds: keep it off the event loop. A small
+    # one decodes faster than the hop to the thread pool.
+    upload_bytes = len(image_part.data) + (len(mask_part.data) if mask_part is not None else 0)
+    small = upload_bytes <= INLINE_DECODE_BYTES
     picture, mask_picture = decode() if small else await run_in_threadpool(decode)
     job = Job(
         id=service.queue.new_id(),
@@ -210,24 +289,57 @@ async def cancel_edit(job_id: JobId, service: ServiceDep) -> JobStatus:
     return service.status(service.queue.cancel(job_id))
 
 
+_RAW_RESULT_HEADERS = {
+    "X-Image-Width": {"schema": {"type": "string"}, "description": "Raw answers: the width."},
+    "X-Image-Height": {"schema": {"type": "string"}, "description": "Raw answers: the height."},
+}
+
+
 @protected.get(
     "/edits/{job_id}/results/{k}",
     response_class=Response,
     responses={
         200: {
-            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-            "description": "The PNG.",
+            "content": {
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                RAW_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}},
+            },
+            "description": "The result at the input's size: a PNG (RGBA when the input had "
+            "transparency), or with format=bgra8|rgba8 raw pixels, always 4 channels (A = 255 "
+            f"when opaque), Content-Type `{RAW_MEDIA_TYPE}; format=F; width=W; height=H`.",
+            "headers": _RAW_RESULT_HEADERS,
         },
         **_errors(*AUTH_ERRORS, 404, 409, 410),
     },
-    summary="Result image k (0-based) as PNG",
+    summary="Result image k (0-based): PNG, or raw BGRA/RGBA pixels",
 )
 async def edit_result(
     job_id: JobId,
     k: Annotated[int, Path(ge=0, le=1000, description="0-based variant index.")],
     service: ServiceDep,
+    format: Annotated[
+        Literal["png", "bgra8", "rgba8"],
+        Query(description="png (default), or raw pixels: bgra8 (Krita's order) or rgba8."),
+    ] = "png",
 ) -> Response:
-    return Response(service.queue.result_png(job_id, k), media_type="image/png")
+    result = service.queue.result(job_id, k)
+    image = result.image
+    if format == "png":
+        png = result.png
+        if png is None:
+            small = image.width * image.height <= RESULT_INLINE_PIXELS
+            png = encode_png(image) if small else await run_in_threadpool(encode_png, image)
+            service.queue.cache_png(job_id, result, png)
+        return Response(png, media_type="image/png")
+    if image.width * image.height <= RESULT_INLINE_PIXELS:
+        pixels = encode_raw(image, format)
+    else:
+        pixels = await run_in_threadpool(encode_raw, image, format)
+    return Response(
+        pixels,
+        media_type=raw_media_type(format, image.width, image.height),
+        headers={"X-Image-Width": str(image.width), "X-Image-Height": str(image.height)},
+    )
 
 
 async def job_for_events(job_id: JobId, service: ServiceDep) -> Job:

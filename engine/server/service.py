@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from engine.manifest import API_VERSION, MANIFEST
-from engine.server.catalog import ModelCatalog
+from engine.request import limits_json
+from engine.server import families
+from engine.server.catalog import ModelCatalog, ModelEntry
+from engine.server.instance import current_install_id
 from engine.server.jobs import FETCHED_GRACE_S, Job, JobQueue, JobState
 from engine.server.schema import (
+    DeviceMemory,
     Health,
+    Instance,
     JobProgress,
     JobStatus,
+    Limits,
     ModelInfo,
     ModelLoadState,
     ModelsResponse,
@@ -20,6 +29,10 @@ from engine.server.schema import (
 )
 from engine.server.settings import ServerSettings
 from engine.server.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+# Catalogue fields GET /v1/models passes on as they are.
+CATALOGUE_FIELDS = ("download_gb", "vram_gb", "recommended", "presets", "non_commercial")
 
 
 def describe_device(name: str) -> str:
@@ -39,7 +52,9 @@ class Service:
     queue: JobQueue
     pool: WorkerPool
 
-    def health(self) -> Health:
+    def health(self, local_client: bool = True) -> Health:
+        """`local_client`: the caller is on this machine (loopback), so it may see the token
+        file's path and the process id."""
         now = time.monotonic()
         records = self.pool.load_records()
         default_target = self.catalog.resolve_model(None).target
@@ -75,7 +90,69 @@ class Service:
                 for r in records
             ],
             queue=QueueStats(**self.queue.stats()),
+            memory=self.memory(),
+            instance=Instance(
+                install_id=current_install_id(),
+                token_file=(
+                    str(self.settings.token_file)
+                    if local_client and self.settings.token_file is not None
+                    else None
+                ),
+                pid=os.getpid() if local_client else None,
+            ),
         )
+
+    def memory(self) -> list[DeviceMemory]:
+        """Per worker: free/total memory and the memory plan (the loaded editor's own report,
+        else the --memory-plan flag's plan, else the one free memory allows the default model)."""
+        reports = []
+        for worker in self.pool.workers:
+            name = describe_device(worker.device)
+            try:
+                report = self._device_memory(name, worker.memory_report())
+                reports.append(DeviceMemory(**report))
+            except Exception as err:  # a report must never break health
+                log.debug("memory report for %s failed: %s", name, err)
+                reports.append(
+                    DeviceMemory(
+                        device=name,
+                        plan=None,
+                        free_bytes=None,
+                        total_bytes=None,
+                        quantization=self.settings.quantization,
+                    )
+                )
+        return reports
+
+    def _device_memory(self, name: str, editor_report: dict[str, Any] | None) -> dict[str, Any]:
+        import torch
+
+        from engine import devices
+
+        device = torch.device(name)
+        if editor_report is not None and editor_report.get("plan"):
+            report = {**editor_report, "device": name}
+            report["quantization"] = report.get("quantization") or "none"
+            return report
+        quantization = self.settings.quantization
+        report = devices.memory_report(device, None, quantization)
+        plan = None if self.settings.memory_plan == "auto" else self.settings.memory_plan
+        if plan is None:
+            plan = devices.choose_memory_plan(
+                self._vram_table(quantization), report.get("free_bytes"), device
+            )
+        report["plan"] = plan
+        return report
+
+    def _vram_table(self, quantization: str) -> dict[str, float] | None:
+        """The default model's GB per plan (its quantized table when one is in force)."""
+        # The catalogue list only: health must stay cheap (no folder scan).
+        entry = next((e for e in self.catalog.catalogue if e["id"] == self.settings.model), {})
+        table = dict(entry.get("vram_gb") or {})
+        quantized = (entry.get("quantizations") or {}).get(quantization)
+        if isinstance(quantized, dict):
+            table.update(quantized)
+        return table or None
 
     def models(self) -> ModelsResponse:
         loaded = set(self.pool.loaded_models())
@@ -83,20 +160,29 @@ class Service:
         return ModelsResponse(
             default_model=default_id,
             models=[
-                ModelInfo(
-                    id=entry.id,
-                    name=entry.name,
-                    source=entry.source,  # type: ignore[arg-type]
-                    architecture=entry.architecture,
-                    licence=entry.licence,
-                    description=entry.description,
-                    default=entry.id == default_id,
-                    available_locally=self.catalog.is_available_locally(entry),
-                    loaded=entry.target in loaded,
-                )
+                self._model_info(entry, entry.id == default_id, entry.target in loaded)
                 for entry in self.catalog.entries()
             ],
             loras=sorted(self.catalog.loras()),
+            limits=Limits(**limits_json()),
+        )
+
+    def _model_info(self, entry: ModelEntry, default: bool, loaded: bool) -> ModelInfo:
+        published = {
+            key: entry.catalogue[key] for key in CATALOGUE_FIELDS if key in entry.catalogue
+        }
+        return ModelInfo(
+            id=entry.id,
+            name=entry.name,
+            source=entry.source,  # type: ignore[arg-type]
+            architecture=entry.architecture,
+            licence=entry.licence,
+            description=entry.description,
+            default=default,
+            available_locally=self.catalog.is_available_locally(entry),
+            loaded=loaded,
+            **families.describe(entry.family),
+            **published,
         )
 
     def status(self, job: Job) -> JobStatus:

@@ -8,11 +8,12 @@ from pathlib import Path
 from engine.manifest import DEFAULT_MODEL
 
 # Defaults sized for one painter's machine: a handful of queued edits, results for a few
-# minutes, and uploads large enough for a 8k×8k canvas PNG.
+# minutes, and uploads large enough for a 8192² layer as raw BGRA (256 MiB) with its raw
+# selection mask (64 MiB).
 DEFAULT_QUEUE_SIZE = 16
 DEFAULT_RESULT_TTL_S = 600.0
 DEFAULT_RESULT_MEMORY_MB = 1024
-DEFAULT_MAX_UPLOAD_MB = 200
+DEFAULT_MAX_UPLOAD_MB = 400
 # 8192² pixels. Pillow warns from ~89 M pixels and refuses from twice that; our own limit
 # is lower, so we answer with a clear 413 before Pillow decodes anything.
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
@@ -28,7 +29,11 @@ class ServerSettings:
     model: str = DEFAULT_MODEL
     devices: tuple[str, ...] = ("auto",)
     dtype: str = "auto"
-    memory_saving: str = "auto"
+    memory_saving: str = "auto"  # the older flag; used only by an Editor without memory_plan
+    # auto | full | offload-text | model-offload | sequential-offload (engine.devices)
+    memory_plan: str = "auto"
+    # none | bnb-8bit | bnb-4bit | torchao-int8 | gguf (engine.quantization)
+    quantization: str = "none"
     allow_pickle: bool = False
     queue_size: int = DEFAULT_QUEUE_SIZE
     models_dirs: tuple[Path, ...] = ()
@@ -40,6 +45,9 @@ class ServerSettings:
     max_loaded_models: int = DEFAULT_MAX_LOADED_MODELS
     # Load the default model when the workers start, so the first edit does not wait for it.
     preload: bool = True
+    # Where the token was read from (None: given with --token); /v1/health shows it to local
+    # clients so the Krita plugin can reuse a running engine.
+    token_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.token:

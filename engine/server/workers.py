@@ -7,7 +7,7 @@ with every other model unloaded and the allocator's caches emptied, then fails w
 
 from __future__ import annotations
 
-import gc
+import inspect
 import logging
 import threading
 import time
@@ -18,12 +18,12 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from engine.devices import is_out_of_memory
+from engine.devices import free_memory, is_out_of_memory
 from engine.errors import EditCancelled, EngineError, OutOfMemory
 from engine.request import EditParams
 from engine.server.catalog import ModelEntry
-from engine.server.images import encode_png, thumbnail_base64
-from engine.server.jobs import Job, JobQueue
+from engine.server.images import thumbnail_base64
+from engine.server.jobs import Job, JobQueue, StoredResult
 from engine.server.settings import PREVIEW_MAX_SIDE, ServerSettings
 
 log = logging.getLogger(__name__)
@@ -53,32 +53,43 @@ EditorFactory = Callable[[str, str], EditorLike]
 _LOAD_LOCK = threading.Lock()
 
 
+def editor_options(settings: ServerSettings, accepted: set[str]) -> dict[str, Any]:
+    """The Editor keyword arguments of the memory settings, as far as the Editor takes them:
+    `memory_plan` and `quantization` (the `--memory-plan`/`--quantization` flags), else the
+    older `memory_saving`. A non-default setting the Editor cannot take is refused."""
+    wanted: dict[str, Any] = {
+        "memory_plan": settings.memory_plan,
+        "quantization": settings.quantization,
+    }
+    options: dict[str, Any] = {}
+    for name, value in wanted.items():
+        if name in accepted:
+            options[name] = value
+        elif value not in ("auto", "none"):
+            raise EngineError(f"this engine's Editor does not support --{name.replace('_', '-')}")
+    if "memory_plan" not in accepted and "memory_saving" in accepted:
+        options["memory_saving"] = settings.memory_saving
+    return options
+
+
 def real_editor_factory(settings: ServerSettings) -> EditorFactory:
     def make(model: str, device: str) -> EditorLike:
         from engine.editor import Editor
 
+        accepted = set(inspect.signature(Editor).parameters)
         return Editor(
             model,
             device=device,
             dtype=settings.dtype,
             allow_pickle=settings.allow_pickle,
-            memory_saving=settings.memory_saving,
+            **editor_options(settings, accepted),
         )
 
     return make
 
 
 def free_accelerator_memory() -> None:
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if hasattr(torch, "mps") and torch.backends.mps.is_available():
-            torch.mps.empty_cache()
-    except Exception:  # freeing memory is best effort
-        pass
+    free_memory(None)
 
 
 @dataclass
@@ -120,6 +131,18 @@ class DeviceWorker(threading.Thread):
     def loaded_models(self) -> list[str]:
         with self._editors_lock:
             return list(self._editors)
+
+    def memory_report(self) -> dict[str, Any] | None:
+        """The most recently used loaded editor's memory report ({device, plan, free_bytes,
+        total_bytes, quantization}: `Editor.memory_report()`), None when none is loaded or it
+        has none."""
+        with self._editors_lock:
+            editors = list(self._editors.values())
+        for editor in reversed(editors):
+            report = getattr(editor, "memory_report", None)
+            if callable(report):
+                return dict(report())
+        return None
 
     def stop(self) -> None:
         self._stop_requested.set()
@@ -163,7 +186,8 @@ class DeviceWorker(threading.Thread):
         if job.cancel.is_set():
             self.queue.finish_cancelled(job)
             return
-        self.queue.finish_done(job, [encode_png(image) for image in results])
+        # Kept as pixels; PNG or raw is encoded when a client asks (GET …/results/k).
+        self.queue.finish_done(job, [StoredResult(image) for image in results])
 
     def _edit_with_oom_retries(self, job: Job) -> list[Image.Image]:
         # The Editor itself already halves its batch and switches memory savers on when it runs
@@ -190,10 +214,11 @@ class DeviceWorker(threading.Thread):
             raise OutOfMemory(self._oom_advice(job), field="resolution") from err
 
     def _oom_advice(self, job: Job) -> str:
+        now = job.params.resolution or "the model's default"
         return (
             f"out of memory on {self.device} even one variant at a time with every memory saver on "
-            f"and no other model loaded; try a smaller resolution (now {job.params.resolution}), "
-            "or close other programs using the GPU"
+            f"and no other model loaded; try a smaller resolution (now {now}), a lighter "
+            "--memory-plan or --quantization, or close other programs using the GPU"
         )
 
     def _edit(self, job: Job, editor: EditorLike) -> list[Image.Image]:

@@ -1,5 +1,7 @@
 """Write a diffusers InstructPix2Pix pipeline as ONE checkpoint in the original LDM key layout.
 
+(Test-only; SDXL UNets are written too: their `add_embedding` becomes `label_emb.0`.)
+
 Model sites distribute Stable Diffusion / InstructPix2Pix weights as a single `.safetensors`
 (or pickled `.ckpt`) file with the CompVis/LDM names: `model.diffusion_model.*` (UNet),
 `first_stage_model.*` (VAE) and `cond_stage_model.transformer.*` (CLIP text encoder). No such
@@ -43,6 +45,9 @@ _UNET_TOP_LEVEL = {
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
+    # SDXL's micro-conditioning embedding ("text_time"): LDM's label_emb Sequential.
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _VAE_TOP_LEVEL = {
     "encoder.conv_in": "encoder.conv_in",
@@ -219,13 +224,64 @@ def clip_text_state_dict_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str
     return _rename_all(state_dict, to_ldm, LDM_CLIP_PREFIX)
 
 
+LDM_SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+LDM_SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+_OPEN_CLIP_TOP_LEVEL = {
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER_NAMES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def open_clip_state_dict_to_ldm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection state dict in OpenCLIP layout (SDXL's second encoder under
+    `conditioner.embedders.1.model.*`): q/k/v fused into `in_proj`, the projection transposed.
+    The inverse of diffusers' `convert_open_clip_checkpoint`."""
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        if key in _OPEN_CLIP_TOP_LEVEL:
+            out[_OPEN_CLIP_TOP_LEVEL[key]] = tensor
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = tensor.T.contiguous()
+            continue
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if m is None:
+            raise UnmappedWeightError(f"text encoder 2 weight {key!r} has no OpenCLIP name")
+        layer, module, kind = m[1], m[2], m[3]
+        if (q := re.fullmatch(r"self_attn\.([qkv])_proj", module)) is not None:
+            qkv.setdefault((layer, kind), {})[q[1]] = tensor
+            continue
+        if module not in _OPEN_CLIP_LAYER_NAMES:
+            raise UnmappedWeightError(f"text encoder 2 weight {key!r} has no OpenCLIP name")
+        out[f"transformer.resblocks.{layer}.{_OPEN_CLIP_LAYER_NAMES[module]}.{kind}"] = tensor
+    for (layer, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return {LDM_SDXL_OPEN_CLIP_PREFIX + key: t for key, t in out.items()}
+
+
 def pipeline_to_ldm_state_dict(
-    pipe: StableDiffusionInstructPix2PixPipeline,
+    pipe: StableDiffusionInstructPix2PixPipeline, include_text_encoder: bool = True
 ) -> dict[str, torch.Tensor]:
-    """UNet + VAE + CLIP text encoder of `pipe` as one LDM-layout state dict of CPU copies."""
+    """UNet + VAE (+ CLIP text encoder) of `pipe` as one LDM-layout state dict of CPU copies."""
     state_dict = unet_state_dict_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
     state_dict.update(vae_state_dict_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
-    state_dict.update(clip_text_state_dict_to_ldm(pipe.text_encoder.state_dict()))
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    if include_text_encoder and sdxl:  # SDXL: CLIP-L as embedders.0, bigG (OpenCLIP) as embedders.1
+        clip = clip_text_state_dict_to_ldm(pipe.text_encoder.state_dict())
+        state_dict.update({LDM_SDXL_CLIP_PREFIX + key.removeprefix(LDM_CLIP_PREFIX): t for key, t in clip.items()})
+        state_dict.update(open_clip_state_dict_to_ldm(pipe.text_encoder_2.state_dict()))
+    elif include_text_encoder:
+        state_dict.update(clip_text_state_dict_to_ldm(pipe.text_encoder.state_dict()))
     # Own contiguous storage per entry: safetensors refuses tensors that share memory, and the
     # file must not change when the pipeline is later modified.
     return {key: t.detach().to("cpu").contiguous().clone() for key, t in state_dict.items()}
@@ -238,13 +294,25 @@ def _refuse_existing(path: Path) -> None:
         )
 
 
-def save_as_ldm_single_file(pipe: StableDiffusionInstructPix2PixPipeline, path: str | Path) -> Path:
-    """Write `pipe` as one `.safetensors` checkpoint in the original LDM layout; returns the path."""
+def save_as_ldm_single_file(
+    pipe: StableDiffusionInstructPix2PixPipeline,
+    path: str | Path,
+    *,
+    include_text_encoder: bool = True,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `pipe` as one `.safetensors` checkpoint in the original LDM layout; returns the path.
+
+    `include_text_encoder=False` leaves the text encoder(s) to the config folder (SDXL files
+    whose second encoder is in OpenCLIP layout); `extra` adds tensors (e.g. CosXL's
+    `edm_vpred.sigma_max`)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: an LDM safetensors checkpoint must end in .safetensors.")
     _refuse_existing(path)
-    save_file(pipeline_to_ldm_state_dict(pipe), str(path), metadata={"format": "pt"})
+    state_dict = pipeline_to_ldm_state_dict(pipe, include_text_encoder)
+    state_dict.update({key: t.contiguous() for key, t in (extra or {}).items()})
+    save_file(state_dict, str(path), metadata={"format": "pt"})
     return path
 
 
@@ -264,7 +332,9 @@ def save_as_ldm_ckpt(pipe: StableDiffusionInstructPix2PixPipeline, path: str | P
 
 
 def save_diffusers_config_folder(
-    pipe: StableDiffusionInstructPix2PixPipeline, folder: str | Path
+    pipe: StableDiffusionInstructPix2PixPipeline,
+    folder: str | Path,
+    keep_weights: tuple[str, ...] = (),
 ) -> Path:
     """Save `pipe` as a diffusers folder WITHOUT weights: the `config=` a single file needs.
 
@@ -275,7 +345,8 @@ def save_diffusers_config_folder(
     _refuse_existing(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     for weights in [*folder.glob("*/*.safetensors"), *folder.glob("*/*.bin")]:
-        weights.unlink()
+        if weights.parent.name not in keep_weights:  # e.g. ("text_encoder", "text_encoder_2")
+            weights.unlink()
     return folder
 
 
@@ -285,6 +356,7 @@ __all__ = [
     "LDM_VAE_PREFIX",
     "UnmappedWeightError",
     "clip_text_state_dict_to_ldm",
+    "open_clip_state_dict_to_ldm",
     "pipeline_to_ldm_state_dict",
     "save_as_ldm_ckpt",
     "save_as_ldm_single_file",

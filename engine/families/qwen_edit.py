@@ -1,0 +1,247 @@
+"""Qwen-Image-Edit 2509 and 2511 through diffusers' `QwenImageEditPlusPipeline`.
+
+What the pipeline does with the image (diffusers 0.42, kept as it is: it is the model's):
+- the reference image goes to the Qwen2.5-VL text encoder resized to about 384² pixels
+  (`CONDITION_IMAGE_SIZE`, sides rounded to 32), and to the VAE resized to about 1024²
+  (`VAE_IMAGE_SIZE`) whatever the output size is; its latents are appended to the token
+  sequence of the noisy latents (with their own RoPE positions);
+- the output has the explicit height/width we pass (floored to a multiple of 16).
+So the working size follows the pipeline's own rounding (`calculate_dimensions`: area at the
+image's aspect ratio, sides rounded to 32), iterated to a fixed point: at the default 1 MP the
+VAE reference then has exactly the working size and the pipeline's resize is a no-op (PIL
+returns a copy for an unchanged size), so reference and output latents line up token for
+token. At another `resolution` the reference is still encoded at ~1 MP (the model's behaviour).
+
+True CFG: the pipeline runs the negative branch only when a negative prompt is given AND
+true_cfg_scale > 1; we pass the negative prompt only then (1.0 = one branch, the Lightning
+LoRAs' setting). Noise: one CPU generator per variant; the pipeline draws per generator, so
+variant k equals a single run with seed + k (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.errors import InvalidInput
+from engine.families.base import Family, ParamSpec, ResolutionRule, RunInputs, StepHooks, StepsRule
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from engine.sources import ModelSource
+
+DEFAULT_CONFIG = "Qwen/Qwen-Image-Edit-2511"  # the base model of a single transformer file
+MULTIPLE = 32  # calculate_dimensions' rounding; the pipeline itself needs 16 (vae 8 × patch 2)
+VAE_AREA = 1024 * 1024  # the pipeline's VAE_IMAGE_SIZE in diffusers 0.42 (read live below)
+
+# The scheduler the Qwen-Image(-Edit) Lightning LoRAs were distilled with (their README): a fixed
+# shift of 3 (log 3 at every sequence length) and no terminal stretch. The model's own config has
+# base/max shift 0.5/0.9 and shift_terminal 0.02. A Lightning preset should run with
+# `FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **LIGHTNING_SCHEDULER)`
+# (not wired yet: RunInputs carries no preset; see the report of issue 10).
+LIGHTNING_SCHEDULER = {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
+
+# Linear map from the 16 (normalised) Wan-2.1-style latent channels of Qwen-Image's VAE to RGB
+# (ComfyUI's Wan21 latent_rgb_factors, applied to the same normalised latents).
+_RGB_FACTORS = torch.tensor([
+    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747],
+    [0.0372, 0.2344, 0.1420], [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665],
+    [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975], [-0.0412, 0.0267, -0.1364],
+    [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950],
+    [0.1984, 0.0913, 0.1861],
+])
+_RGB_BIAS = torch.tensor([-0.1835, -0.0868, -0.3360])
+
+
+def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
+    """The pipeline's own rounding (diffusers' qwenimage `calculate_dimensions`): width, height."""
+    width = math.sqrt(area * ratio)
+    height = width / ratio
+    return round(width / 32) * 32, round(height / 32) * 32
+
+
+def qwen_working_size(width: int, height: int, area: int) -> tuple[int, int]:
+    """About `area` pixels at the input's aspect ratio, sides multiples of 32, rounded as the
+    pipeline rounds them.
+
+    At the pipeline's VAE area (1 MP) it is a fixed point of `calculate_dimensions`, so that
+    the pipeline's own resize of the reference image for the VAE keeps our working size
+    exactly. The first rounding alone misses for ~18 % of aspect ratios; the fixed point is
+    reached within 3 rounds, moves a side by at most 64 px and keeps the aspect ratio within
+    5.6 % up to 4:1 (3.8 % for the first rounding); the editor scales the result back to the
+    input's exact size. Other areas are not iterated: the reference stays at ~1 MP there, and
+    iterating a small area would drift towards a square.
+    """
+    w, h = calculate_dimensions(area, width / height)
+    w, h = max(MULTIPLE, w), max(MULTIPLE, h)
+    if area == vae_area():
+        for _ in range(16):
+            again = calculate_dimensions(area, w / h)
+            again = max(MULTIPLE, again[0]), max(MULTIPLE, again[1])
+            if again == (w, h):
+                break
+            w, h = again
+    return w, h
+
+
+def vae_area() -> int:
+    """The pixel count at which the pipeline encodes the reference image (its module constant,
+    read at call time so that the working size follows the installed diffusers)."""
+    try:
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+    except ImportError:
+        return VAE_AREA
+    return int(getattr(module, "VAE_IMAGE_SIZE", VAE_AREA))
+
+
+def _torchvision_usable() -> bool:
+    try:
+        from torchvision.transforms.v2 import functional  # noqa: F401
+    except Exception:  # missing, or a CUDA build next to a CPU torch ("torchvision::nms")
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def processor_without_video() -> Iterator[None]:
+    """Let `Qwen2VLProcessor` load and save without its video processor when torchvision is
+    not usable (transformers 5's Qwen2-VL video processor needs torchvision; the image
+    processor falls back to its PIL backend). The edit pipeline never passes videos.
+
+    Narrow on purpose: only `get_attributes` of Qwen2VLProcessor, only while loading/saving.
+    """
+    if _torchvision_usable():
+        yield
+        return
+    from unittest import mock
+
+    from transformers import Qwen2VLProcessor
+
+    attributes = classmethod(lambda cls: ["image_processor", "tokenizer"])
+    with mock.patch.object(Qwen2VLProcessor, "get_attributes", attributes):
+        yield
+
+
+class QwenImageEditFamily(Family):
+    id = "qwen-image-edit"
+    label = "Qwen-Image-Edit"
+    params = (
+        ParamSpec(
+            "true_cfg_scale", "float", 4.0, "True CFG",
+            help="Classifier-free guidance against the negative prompt (two transformer passes "
+                 "per step); 1 turns it off (one pass), as the Lightning LoRAs need",
+            minimum=1.0, maximum=20.0, step=0.1, explore=1.0,
+        ),
+        ParamSpec(
+            "negative_prompt", "text", " ", "Negative prompt",
+            help="What the edit should avoid; used only when True CFG is above 1",
+            max_length=1000,
+        ),
+    )
+    resolution = ResolutionRule("area", 1024, MULTIPLE, minimum=64, maximum=2048)
+    # 1 step gives NaN: with the model's `shift_terminal` the scheduler's terminal stretch
+    # divides by 1 - sigma_last = 0 (sigmas = linspace(1, 1/steps, steps)).
+    steps = StepsRule(40, minimum=2)
+    supports_loras = True
+    supports_negative_prompt = True
+    quantizable = ("transformer", "text_encoder")  # the 20B MMDiT and the 7B Qwen2.5-VL
+    # Qwen-Image's activations overflow fp16 (black/NaN images): bf16 on GPUs.
+    preferred_dtype = torch.bfloat16
+    pipeline_class_names = ("QwenImageEditPlusPipeline",)
+
+    # ------------------------------------------------------------------ working size
+    def working_size(self, width: int, height: int, resolution: int | None) -> tuple[int, int]:
+        target = resolution or self.resolution.default
+        return qwen_working_size(width, height, target * target)
+
+    # ------------------------------------------------------------------ loading
+    def load(self, source: ModelSource, *, dtype: torch.dtype, quantization: str | None = None,
+             config: str | None = None) -> DiffusionPipeline:
+        """A folder or hub id (cache first) whole, quantizing the transformer and the text
+        encoder when asked; a single transformer file (.gguf, or .safetensors in diffusers' key
+        names, as the community distributes them) with the rest of the pipeline from `config`
+        (default: Qwen-Image-Edit-2511). `engine.quantization.load_dit_pipeline` does the work;
+        here only the processor is made loadable without torchvision."""
+        from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+        from engine.quantization import load_dit_pipeline
+
+        if source.kind == "single_file" and not config:
+            config = DEFAULT_CONFIG
+        with processor_without_video():
+            pipe = load_dit_pipeline(QwenImageEditPlusPipeline, QwenImageTransformer2DModel, source,
+                                     dtype=dtype, quantization=quantization, config=config,
+                                     components=self.quantizable)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    # ------------------------------------------------------------------ denoising
+    def pipeline_kwargs(self, inputs: RunInputs) -> dict[str, Any]:
+        """The `QwenImageEditPlusPipeline.__call__` arguments for `inputs` (tests and the
+        benchmark call the pipeline with exactly these)."""
+        options = self.resolve_options(inputs.options)
+        if inputs.steps < self.steps.minimum:
+            raise InvalidInput(f"steps must be at least {self.steps.minimum} for {self.label} "
+                               f"models (got {inputs.steps})", "steps")
+        height, width = inputs.image.shape[:2]
+        scale = float(options["true_cfg_scale"])
+        pixels = np.clip(inputs.image, 0.0, 1.0) * 255.0
+        return {
+            "image": Image.fromarray(np.round(pixels).astype(np.uint8), "RGB"),
+            "prompt": inputs.instruction,
+            # None → one branch: true CFG runs only with a negative prompt and a scale above 1.
+            "negative_prompt": options["negative_prompt"] if scale > 1.0 else None,
+            "true_cfg_scale": scale,
+            "height": height,
+            "width": width,
+            "num_inference_steps": inputs.steps,
+            "num_images_per_prompt": len(inputs.seeds),
+            "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in inputs.seeds],
+            "output_type": "np",
+        }
+
+    def run(self, pipe: DiffusionPipeline, inputs: RunInputs, hooks: StepHooks,
+            device: torch.device) -> list[np.ndarray]:
+        kwargs = self.pipeline_kwargs(inputs)
+        total = inputs.steps
+
+        def on_step_end(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            hooks.step(i + 1, total, tensors.get("latents"))  # raises EditCancelled to cancel
+            return {}
+
+        images = pipe(**kwargs, callback_on_step_end=on_step_end,
+                      callback_on_step_end_tensor_inputs=["latents"]).images
+        return [np.asarray(images[k], dtype=np.float32) for k in range(len(inputs.seeds))]
+
+    def preview(self, pipe: DiffusionPipeline, latents: torch.Tensor,
+                size: tuple[int, int]) -> Image.Image | None:
+        """The first sample's packed latents → RGB at latent resolution (linear map)."""
+        width, height = size
+        if latents is None or latents.ndim != 3:
+            return None
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        rows, cols = height // (factor * 2), width // (factor * 2)
+        sample = latents[0].detach().float().cpu()
+        channels = sample.shape[-1] // 4
+        if rows * cols != sample.shape[0] or channels < 3:
+            return None
+        # Unpack the 2×2 patches: (rows·cols, C·2·2) → (2·rows, 2·cols, C).
+        grid = sample.view(rows, cols, channels, 2, 2).permute(0, 3, 1, 4, 2)
+        grid = grid.reshape(rows * 2, cols * 2, channels)
+        if channels == _RGB_FACTORS.shape[0]:
+            rgb = grid @ _RGB_FACTORS + _RGB_BIAS
+        else:  # not the real VAE (tiny test models): first three channels
+            rgb = grid[..., :3] * 0.5
+        pixels = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+        return Image.fromarray(pixels, "RGB")
+
+
+QWEN_IMAGE_EDIT = QwenImageEditFamily()
