@@ -1,130 +1,180 @@
-"""EditRequest: the plugin's serialisable mirror of the engine's EditParams.
+"""EditRequest: what the plugin sends as the `params` JSON of `POST /v1/edits`.
 
-The plugin runs in Krita's Python and never imports the engine, so the fields, defaults
-and limits are repeated here (tests/plugin checks they match engine/request.py).
+The wire form is flat (the engine's EditParams): the shared fields at the top level, and
+every other key a parameter of the chosen model's family (`options`). The plugin keeps no
+copy of any family's parameters or ranges: a request carries the `ModelInfo` and `Limits`
+the engine published (`specs.py`), and `validate()` checks against those.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-MAX_INSTRUCTION_CHARS = 1000
-MAX_STEPS = 200
-MAX_VARIANTS = 16
-MIN_RESOLUTION, MAX_RESOLUTION = 64, 2048
-GUIDANCE_RANGE = (0.0, 30.0)
-MAX_SEED = 2**32 - 1
-MAX_LORAS = 8
-LORA_STRENGTH_RANGE = (-4.0, 4.0)
-SCHEDULERS = ("default", "euler-a", "euler", "dpm++", "ddim", "lcm")
+from .specs import (
+    SHARED_FIELDS,
+    Limits,
+    Lora,
+    ModelInfo,
+    ParamSpec,
+    RequestError,
+    format_value,
+)
 
-#: The working size the plugin uses when resolution is "auto": SD 1.5 models were trained at 512.
-AUTO_RESOLUTION = 512
-
-
-class RequestError(ValueError):
-    """A setting the painter chose is out of range; `field` names it for the UI."""
-
-    def __init__(self, message: str, field: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True)
-class Lora:
-    path: str
-    strength: float = 1.0
+__all__ = ["EditRequest", "Lora", "RequestError", "explore_grid", "explore_values"]
 
 
 @dataclass(frozen=True)
 class EditRequest:
-    """Everything sent as the `params` JSON of `POST /v1/edits`."""
+    """One edit. `steps`/`resolution` None: the model's own choice (the engine decides).
+
+    `info` and `limits` are what the request is checked against; they are not sent.
+    """
 
     instruction: str
-    text_guidance: float = 7.5
-    image_guidance: float = 1.5
-    steps: int = 20
     seed: int = 0
     variants: int = 1
-    resolution: int = AUTO_RESOLUTION
+    steps: int | None = None
+    resolution: int | None = None
     model: str | None = None
-    loras: tuple[Lora, ...] = field(default_factory=tuple)
-    scheduler: str = "default"
+    loras: tuple[Lora, ...] = ()
     preserve_detail: bool = True
+    options: Mapping[str, Any] = field(default_factory=dict)
+    info: ModelInfo | None = field(default=None, compare=False, repr=False)
+    limits: Limits = field(default_factory=Limits, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", dict(self.options))
+        object.__setattr__(self, "loras", tuple(self.loras))
+
+    # --- checks ---------------------------------------------------------------------------
 
     def validate(self) -> EditRequest:
         """Raise RequestError naming the first bad field; return self when all are fine."""
+        limits, info = self.limits, self.info
         if not self.instruction.strip():
             raise RequestError("Type an instruction first, e.g. “make it evening”.", "instruction")
-        if len(self.instruction) > MAX_INSTRUCTION_CHARS:
+        if len(self.instruction) > limits.max_instruction_chars:
             raise RequestError(
                 f"The instruction is {len(self.instruction)} characters long; "
-                f"shorten it to {MAX_INSTRUCTION_CHARS} or fewer.",
-                "instruction",
-            )
-        lo, hi = GUIDANCE_RANGE
-        for name in ("text_guidance", "image_guidance"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and lo <= value <= hi):
-                raise RequestError(f"{name.replace('_', ' ')} must be from {lo} to {hi}.", name)
-        for name, low, high in (
-            ("steps", 1, MAX_STEPS),
-            ("seed", 0, MAX_SEED),
-            ("variants", 1, MAX_VARIANTS),
-            ("resolution", MIN_RESOLUTION, MAX_RESOLUTION),
-        ):
-            value = getattr(self, name)
-            if not (isinstance(value, int) and low <= value <= high):
-                raise RequestError(f"{name} must be a whole number from {low} to {high}.", name)
-        if self.scheduler not in SCHEDULERS:
-            raise RequestError(f"scheduler must be one of {', '.join(SCHEDULERS)}.", "scheduler")
-        if len(self.loras) > MAX_LORAS:
-            raise RequestError(f"Use at most {MAX_LORAS} LoRA adapters.", "loras")
-        lo, hi = LORA_STRENGTH_RANGE
+                f"shorten it to {limits.max_instruction_chars} or fewer.", "instruction")
+        checks: list[tuple[str, Any, int, int]] = [
+            ("seed", self.seed, 0, limits.max_seed),
+            ("variants", self.variants, 1, limits.max_variants),
+        ]
+        if self.steps is not None:  # the model's rule, else the engine's shared limit
+            low, high = (info.steps.minimum, info.steps.maximum) if info else (1, limits.max_steps)
+            checks.append(("steps", self.steps, low, high))
+        if self.resolution is not None:
+            low, high = (info.resolution.minimum, info.resolution.maximum) if info else limits.resolution
+            checks.append(("resolution", self.resolution, low, high))
+        for name, value, low, high in checks:
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise RequestError(f"{name.capitalize()} must be a whole number from {low} to {high}.", name)
+        if len(self.loras) > limits.max_loras:
+            raise RequestError(f"Use at most {limits.max_loras} LoRA adapters.", "loras")
+        lo, hi = limits.lora_strength
         for lora in self.loras:
-            if not lora.path or not (lo <= lora.strength <= hi):
-                raise RequestError(f"Each LoRA needs a file and a strength from {lo} to {hi}.", "loras")
+            if not lora.path or not lo <= lora.strength <= hi:
+                raise RequestError(f"Each LoRA needs a file and a strength from {lo:g} to {hi:g}.", "loras")
+        for name in self.options:
+            if name in SHARED_FIELDS:
+                raise RequestError(f"{name} is not a model parameter.", name)
+        if info is not None:
+            takes = ", ".join(spec.name for spec in info.params) or "no model-specific parameters"
+            for name, value in self.options.items():
+                spec = info.spec(name)
+                if spec is None:
+                    raise RequestError(f"{name} is not a parameter of {info.name}; it takes {takes}.", name)
+                spec.check(value)
         return self
+
+    # --- changes --------------------------------------------------------------------------
 
     def with_changes(self, **changes: Any) -> EditRequest:
         return replace(self, **changes)
 
+    def with_options(self, **values: Any) -> EditRequest:
+        return replace(self, options={**self.options, **values})
+
+    # --- wire -----------------------------------------------------------------------------
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["loras"] = [asdict(lora) for lora in self.loras]
+        """The flat `params` JSON; fields left to the model (None) are not sent."""
+        data: dict[str, Any] = {
+            "instruction": self.instruction,
+            "seed": self.seed,
+            "variants": self.variants,
+            "steps": self.steps,
+            "resolution": self.resolution,
+            "model": self.model,
+            "loras": [{"path": lora.path, "strength": lora.strength} for lora in self.loras],
+            "preserve_detail": self.preserve_detail,
+        }
+        data = {key: value for key, value in data.items() if value is not None}
+        data.update(self.options)
         return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> EditRequest:
-        """Rebuild from saved settings; unknown keys (from a newer plugin) are ignored."""
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
+    def from_dict(cls, data: Mapping[str, Any], info: ModelInfo | None = None,
+                  limits: Limits | None = None) -> EditRequest:
+        """Rebuild from the flat form; keys other than the shared fields are options."""
+        values: dict[str, Any] = {k: v for k, v in data.items() if k in SHARED_FIELDS and k != "loras"}
         values["loras"] = tuple(
             Lora(str(item["path"]), float(item.get("strength", 1.0)))
-            for item in values.get("loras") or ()
-        )
-        return cls(**values)
+            for item in data.get("loras") or () if isinstance(item, Mapping) and "path" in item)
+        values["options"] = {k: v for k, v in data.items() if k not in SHARED_FIELDS}
+        return cls(**values, info=info, limits=limits or Limits())
+
+    # --- how it reads ---------------------------------------------------------------------
+
+    def labelled_options(self) -> list[tuple[ParamSpec | None, str, Any]]:
+        """(spec, short name, value) per option, in the model's own order."""
+        info = self.info
+        known = [(spec, spec.short, self.options[spec.name]) for spec in (info.params if info else ())
+                 if spec.name in self.options]
+        names = {spec.name for spec, _, _ in known}
+        known += [(None, name, value) for name, value in self.options.items() if name not in names]
+        return known
+
+    def describe_options(self) -> str:
+        """The parameters that tell results apart, e.g. `s_T 7.5 s_I 1.5` or `guidance 2.5`:
+        numbers always, choices and switches when not at their default, never free text."""
+        parts = []
+        for spec, short, value in self.labelled_options():
+            if spec is None or spec.kind == "text":
+                continue
+            if spec.numeric or value != spec.default:
+                parts.append(f"{short} {format_value(value)}")
+        return " ".join(parts)
+
+
+def explore_values(spec: ParamSpec, value: Any) -> list[float | int]:
+    """Three values of one axis around `value`, clamped to the range (fewer at its ends)."""
+    step = spec.explore or 0.0
+    base = value if isinstance(value, (int, float)) and not isinstance(value, bool) else spec.default
+    values = [spec.clamp(round(base + d * step, 4)) for d in (-1, 0, 1)]
+    return sorted(set(values))
 
 
 def explore_grid(base: EditRequest) -> list[EditRequest]:
-    """The "Explore" grid: 3 image guidance × 3 text guidance values around the current ones.
-
-    Every cell keeps the seed, so the cells differ only by guidance and can be compared.
-    """
-    lo, hi = GUIDANCE_RANGE
-
-    def around(value: float, step: float) -> list[float]:
-        values = [min(hi, max(lo, round(value + d * step, 2))) for d in (-1, 0, 1)]
-        return sorted(set(values))
-
-    return [
-        replace(base, image_guidance=i, text_guidance=t, variants=1)
-        for i in around(base.image_guidance, 0.5)
-        for t in around(base.text_guidance, 2.5)
-    ]
+    """The Explore grid: 3 × 3 values of the model's two explore axes around the current ones
+    (3 for a model with one axis). Every cell keeps the seed, so cells differ only by those
+    parameters. RequestError (field "explore") when the model has nothing to sweep."""
+    info = base.info
+    if info is None:
+        raise RequestError("Explore needs the engine's model list; connect to the engine first.",
+                           "explore")
+    axes = info.explore_axes()
+    if not axes:
+        raise RequestError(info.explore_unavailable() or "Nothing to explore.", "explore")
+    cells: list[dict[str, Any]] = [{}]
+    for spec in axes:
+        current = base.options.get(spec.name, spec.default)
+        cells = [{**cell, spec.name: v} for cell in cells for v in explore_values(spec, current)]
+    return [replace(base, options={**base.options, **cell}, variants=1) for cell in cells]

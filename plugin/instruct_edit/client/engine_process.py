@@ -8,6 +8,7 @@ never shows in the process list.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -15,6 +16,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from ..qt import QObject, QProcess, QTimer, pyqtSignal
@@ -22,6 +24,96 @@ from ..qt import QObject, QProcess, QTimer, pyqtSignal
 LISTENING = re.compile(r"listening on (https?://\S+)")
 MAX_RESTARTS = 3
 RESTART_WINDOW_S = 120.0
+#: Where `./scripts/run.sh` (plain `instruct-edit serve`) listens: checked before starting one.
+DEFAULT_ENGINE_URL = "http://127.0.0.1:8765"
+
+
+def engine_python(python_path: str) -> str | None:
+    """The Python executable of the environment a Settings path names (venv, python, script)."""
+    path = Path(os.path.expanduser(str(python_path).strip()))
+    if not str(python_path).strip():
+        return None
+    if path.is_dir():
+        bin_dir = path / ("Scripts" if sys.platform == "win32" else "bin")
+        return str(bin_dir / ("python.exe" if sys.platform == "win32" else "python"))
+    if path.name.startswith("instruct-edit"):
+        return str(path.parent / ("python.exe" if sys.platform == "win32" else "python"))
+    return str(path)
+
+
+#: Asks an environment for its installation id with the engine's own recipe
+#: (engine/server/instance.py, docs/api.md "One engine per installation").
+INSTALL_ID_CODE = "import engine.server.instance as i; print(i.current_install_id())"
+
+
+def install_id(python_executable: str, package_dir: str) -> str:
+    """The recipe of docs/api.md, for clients that know both folders (tests use it)."""
+
+    def canonical(path: str) -> str:
+        return os.path.normcase(os.path.realpath(path))
+
+    environment = canonical(os.path.dirname(os.path.abspath(python_executable)))
+    return hashlib.sha256(f"{environment}\n{canonical(package_dir)}".encode()).hexdigest()[:16]
+
+
+def ask_install_id(python_path: str, on_done: Callable[[str | None], None],
+                   parent: QObject | None = None, timeout_ms: int = 15_000) -> QProcess | None:
+    """Run the configured Python once (asynchronously) to learn its installation id.
+
+    on_done(id), or on_done(None) when it cannot say (no Python there, an engine too old).
+    """
+    python = engine_python(python_path)
+    if not python or not Path(python).exists():
+        QTimer.singleShot(0, lambda: on_done(None))
+        return None
+    process = QProcess(parent)
+    timer = QTimer(process)
+    timer.setSingleShot(True)
+    answered = {"done": False}
+
+    def finish(value: str | None) -> None:
+        if answered["done"]:
+            return
+        answered["done"] = True
+        timer.stop()
+        process.deleteLater()
+        on_done(value)
+
+    def finished(*_args: object) -> None:
+        text = bytes(process.readAllStandardOutput()).decode("utf-8", "replace").strip()
+        ok = process.exitCode() == 0 and re.fullmatch(r"[0-9a-f]{16}", text) is not None
+        finish(text if ok else None)
+
+    def too_slow() -> None:
+        process.kill()
+        finish(None)
+
+    timer.timeout.connect(too_slow)
+    process.finished.connect(finished)
+    process.errorOccurred.connect(lambda _error: finish(None))
+    timer.start(timeout_ms)
+    process.start(python, ["-c", INSTALL_ID_CODE])
+    return process
+
+
+def instance_id(instance: object) -> str | None:
+    """The install_id a health answer's `instance` names, if any."""
+    if not isinstance(instance, dict):
+        return None
+    value = instance.get("install_id")
+    return value if isinstance(value, str) and value else None
+
+
+def read_instance_token(instance: dict) -> str | None:
+    """The token of a running engine, from the token file its health answer names."""
+    token_file = instance.get("token_file")
+    if not isinstance(token_file, str) or not token_file:
+        return None
+    try:
+        token = Path(token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return token or None
 
 
 def engine_command(python_path: str) -> tuple[str, list[str]]:

@@ -49,8 +49,14 @@ def error_from_response(status: int, body: bytes) -> ApiError:
         message = body[:200].decode("utf-8", "replace").strip()
     if status == 401:
         return ApiError(
-            "The engine refused the access token. Open Settings and check the token "
-            "(or switch to the managed local engine).",
+            "The engine wants an access token and none was sent. Open Settings and paste the "
+            "token the engine printed (or its token file's content), or use the local engine.",
+            status, "token", kind="auth",
+        )
+    if status == 403:
+        return ApiError(
+            "The engine refused the access token: it is wrong. Open Settings and paste the "
+            "token the engine was started with (it prints where its token file is).",
             status, "token", kind="auth",
         )
     if status == 404 and not message:

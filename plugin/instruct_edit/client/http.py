@@ -9,15 +9,55 @@ from __future__ import annotations
 
 import json
 import secrets
+import sys
+import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Union
 
-from ..qt import QByteArray, QNetworkAccessManager, QNetworkReply, QNetworkRequest, QObject, QUrl
+from ..qt import (
+    QByteArray,
+    QNetworkAccessManager,
+    QNetworkReply,
+    QNetworkRequest,
+    QObject,
+    QtNetwork,
+    QUrl,
+)
 from .errors import ApiError, error_from_response
 
 OnDone = Callable[[Any], None]
 OnError = Callable[[ApiError], None]
+#: One multipart field: (name, filename or None, content type, data).
+Part = tuple[str, Union[str, None], str, Union[bytes, QByteArray]]  # noqa: UP007 - Python 3.8 in Krita 5 on Windows
 
+
+def guarded(on_done: Callable[..., None], on_error: OnError) -> Callable[..., None]:
+    """Wrap a callback that Qt calls: an exception never escapes into Qt's event loop.
+
+    A failure while handling an answer (an answer the plugin cannot use) goes to on_error
+    as a "protocol" error; should on_error itself fail, the traceback is printed (Krita's
+    log) and swallowed, so a Qt slot never raises.
+    """
+
+    def call(*args: Any) -> None:
+        try:
+            on_done(*args)
+        except Exception as err:
+            traceback.print_exc(file=sys.stderr)
+            safe_error(on_error, ApiError(
+                f"The plugin could not use the engine's answer ({type(err).__name__}: {err}).",
+                kind="protocol"))
+
+    return call
+
+
+def safe_error(on_error: OnError, error: ApiError) -> None:
+    try:
+        on_error(error)
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+
+DOWNLOAD_CHUNK = 2 << 20
 _STATUS = QNetworkRequest.Attribute.HttpStatusCodeAttribute
 _NO_ERROR = QNetworkReply.NetworkError.NoError
 _CONNECTION_ERRORS = {
@@ -52,6 +92,26 @@ def multipart_body(fields: list[tuple[str, str | None, str, bytes]]) -> tuple[by
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
 
 
+def multipart(parts: list[Part]) -> QtNetwork.QHttpMultiPart:
+    """The same form as a QHttpMultiPart: Qt streams each part's QByteArray, no joined copy.
+
+    Pixels handed in as a QByteArray are shared, not copied (Qt's implicit sharing), so a
+    64 MiB layer costs 64 MiB once, however many requests upload it.
+    """
+    form = QtNetwork.QHttpMultiPart(QtNetwork.QHttpMultiPart.ContentType.FormDataType)
+    form.setBoundary(("instruct-edit-" + secrets.token_hex(12)).encode())
+    for name, filename, content_type, data in parts:
+        part = QtNetwork.QHttpPart()
+        disposition = f'form-data; name="{name}"'
+        if filename:
+            disposition += f'; filename="{filename}"'
+        part.setRawHeader(b"Content-Disposition", disposition.encode())
+        part.setRawHeader(b"Content-Type", content_type.encode())
+        part.setBody(data if isinstance(data, QByteArray) else QByteArray(data))
+        form.append(part)
+    return form
+
+
 class EventStream(QObject):
     """A server-sent-events stream: calls on_event(name, data) for each complete event."""
 
@@ -72,6 +132,16 @@ class EventStream(QObject):
             self._reply.abort()
 
     def _read(self) -> None:
+        try:
+            self._parse()
+        except Exception as err:
+            traceback.print_exc(file=sys.stderr)
+            if not self._closed:
+                self.close()
+                safe_error(self._on_end, ApiError(
+                    f"The engine's progress stream could not be read ({err}).", kind="protocol"))
+
+    def _parse(self) -> None:
         self._buffer += bytes(self._reply.readAll())
         self._buffer = self._buffer.replace(b"\r\n", b"\n")
         while b"\n\n" in self._buffer:
@@ -96,14 +166,17 @@ class EventStream(QObject):
         if self._closed:
             self._reply.deleteLater()
             return
-        self._closed = True
         self._read()
+        if self._closed:  # the stream failed while reading its last bytes
+            self._reply.deleteLater()
+            return
+        self._closed = True
         error = None
         status = self._reply.attribute(_STATUS)
         if self._reply.error() != _NO_ERROR or (status and int(status) >= 400):
             error = _reply_error(self._reply)
         self._reply.deleteLater()
-        self._on_end(error)
+        safe_error(self._on_end, error)
 
 
 class EngineClient(QObject):
@@ -115,6 +188,8 @@ class EngineClient(QObject):
         self.base_url = base_url.rstrip("/")
         self.token = token or None
         self.timeout_ms = timeout_ms
+        #: Set when this engine refused a raw-pixel upload (an older engine): PNG from then on.
+        self.raw_refused = False
         self._network = QNetworkAccessManager(self)
         self._replies: set[QNetworkReply] = set()
         self._streams: set[EventStream] = set()
@@ -142,18 +217,25 @@ class EngineClient(QObject):
     def models(self, on_done: OnDone, on_error: OnError) -> QNetworkReply:
         return self._send("GET", "/v1/models", on_done, on_error)
 
-    def submit(self, body: bytes, content_type: str, on_done: Callable[[str], None],
-               on_error: OnError) -> QNetworkReply:
-        """POST a multipart body from `multipart_body`; on_done gets the job id."""
+    def submit(self, body: bytes | list[Part], content_type: str | None,
+               on_done: Callable[[str], None], on_error: OnError) -> QNetworkReply:
+        """POST an edit; on_done gets the job id.
+
+        `body` is either a list of parts (sent as a QHttpMultiPart, pixels not copied) or a
+        ready body from `multipart_body` with its content type.
+        """
 
         def accepted(answer: Any) -> None:
             job_id = answer.get("id") if isinstance(answer, dict) else None
-            if not job_id:
+            if not job_id or not isinstance(job_id, (str, int)):
                 on_error(ApiError("The engine accepted the edit but sent no job id; update the engine.",
                                   kind="protocol"))
             else:
                 on_done(str(job_id))
 
+        if isinstance(body, list):
+            return self._send("POST", "/v1/edits", accepted, on_error, form=multipart(body),
+                              timeout_ms=120_000)
         return self._send("POST", "/v1/edits", accepted, on_error, body=body,
                           content_type=content_type, timeout_ms=120_000)
 
@@ -162,8 +244,56 @@ class EngineClient(QObject):
 
     def result(self, job_id: str, index: int, on_done: Callable[[bytes], None],
                on_error: OnError) -> QNetworkReply:
-        return self._send("GET", f"/v1/edits/{job_id}/results/{index}", on_done, on_error,
-                          raw=True, timeout_ms=120_000)
+        """The result as the engine's default (PNG) bytes."""
+        return self._send("GET", f"/v1/edits/{job_id}/results/{index}",
+                          lambda data: on_done(bytes(data)), on_error, raw=True, timeout_ms=120_000)
+
+    def download(self, job_id: str, index: int, fmt: str,
+                 on_done: Callable[[QByteArray, str, tuple[int, int] | None], None],
+                 on_error: OnError, expected_bytes: int = 0) -> QNetworkReply:
+        """Result k in `fmt` (png, bgra8, rgba8): on_done(data, content type, declared size).
+
+        The answer is appended to one buffer as it arrives (reserved up front for raw
+        pixels), so no 64 MiB copy happens in one go on the UI thread at the end.
+        """
+        request = self._request(f"/v1/edits/{job_id}/results/{index}?format={fmt}", 120_000)
+        reply = self._network.get(request)
+        # Back-pressure: Qt buffers at most this much before the UI thread takes it, so one
+        # readyRead never copies tens of MiB at once (a stall) and nothing piles up twice.
+        reply.setReadBufferSize(DOWNLOAD_CHUNK)
+        self._replies.add(reply)
+        buffer = QByteArray()
+        if expected_bytes > 0:
+            buffer.reserve(expected_bytes)
+        base_url = self.base_url
+
+        def ready() -> None:
+            buffer.append(reply.readAll())
+
+        def finished() -> None:
+            self._replies.discard(reply)
+            reply.deleteLater()
+            buffer.append(reply.readAll())
+            status = reply.attribute(_STATUS)
+            if reply.error() != _NO_ERROR and not status:
+                on_error(_reply_error(reply, base_url))
+                return
+            if status and int(status) >= 400:
+                on_error(error_from_response(int(status), bytes(buffer)))
+                return
+            content_type = bytes(reply.rawHeader(b"Content-Type")).decode("latin-1")
+            declared = None
+            width, height = reply.rawHeader(b"X-Image-Width"), reply.rawHeader(b"X-Image-Height")
+            if not width.isEmpty() or not height.isEmpty():
+                try:
+                    declared = (int(bytes(width)), int(bytes(height)))
+                except ValueError:
+                    declared = (-1, -1)
+            on_done(buffer, content_type, declared)
+
+        reply.readyRead.connect(guarded(ready, on_error))
+        reply.finished.connect(guarded(finished, on_error))
+        return reply
 
     def cancel(self, job_id: str, on_done: OnDone, on_error: OnError) -> QNetworkReply:
         return self._send("DELETE", f"/v1/edits/{job_id}", on_done, on_error)
@@ -193,12 +323,15 @@ class EngineClient(QObject):
 
     def _send(self, method: str, path: str, on_done: OnDone, on_error: OnError, *,
               body: bytes | None = None, content_type: str | None = None, raw: bool = False,
-              timeout_ms: int | None = None) -> QNetworkReply:
+              timeout_ms: int | None = None, form: Any = None) -> QNetworkReply:
         request = self._request(path, timeout_ms)
         if content_type:
             request.setRawHeader(b"Content-Type", content_type.encode())
         if method == "GET":
             reply = self._network.get(request)
+        elif method == "POST" and form is not None:
+            reply = self._network.post(request, form)
+            form.setParent(reply)  # deleted with the reply, after the upload
         elif method == "POST":
             reply = self._network.post(request, QByteArray(body or b""))
         elif method == "DELETE":
@@ -215,20 +348,22 @@ class EngineClient(QObject):
             if reply.error() != _NO_ERROR and not status:
                 on_error(_reply_error(reply, base_url))
                 return
-            data = bytes(reply.readAll())
+            data = reply.readAll()
             if status and int(status) >= 400:
-                on_error(error_from_response(int(status), data))
+                on_error(error_from_response(int(status), bytes(data)))
                 return
             if raw:
                 on_done(data)
                 return
             try:
-                on_done(json.loads(data.decode("utf-8")) if data else {})
+                answer = json.loads(bytes(data).decode("utf-8")) if not data.isEmpty() else {}
             except ValueError:
                 on_error(ApiError(f"The engine at {base_url} sent an answer the plugin cannot read. "
                                   "Is this address really an Instruct Edit engine?", kind="protocol"))
+                return
+            on_done(answer)
 
-        reply.finished.connect(finished)
+        reply.finished.connect(guarded(finished, on_error))
         return reply
 
 

@@ -6,7 +6,9 @@ Krita objects are never touched from the worker.
 
 from __future__ import annotations
 
+import sys
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -29,10 +31,14 @@ def run_in_background(work: Callable[[], Any], on_done: Callable[[Any], None],
     def deliver(result: Any, error: Any) -> None:
         _running.discard(relay)
         relay.deleteLater()
-        if error is not None:
-            on_error(error)
-        else:
-            on_done(result)
+        # A Qt slot: nothing may escape it (callers guard too; this is the last line).
+        try:
+            if error is not None:
+                on_error(error)
+            else:
+                on_done(result)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
 
     relay.finished.connect(deliver)
 

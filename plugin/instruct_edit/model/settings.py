@@ -1,13 +1,16 @@
 """Settings: how to reach the engine, where training pairs go, and the last-used values.
 
-Stored as JSON in Krita's data folder (next to pykrita/). Never written mid-way: a
-temporary file is written and moved over the old one.
+Stored as JSON in Krita's data folder (next to pykrita/). It may hold a remote engine's
+token, so it is owner-only (0600) from the first byte, and never written mid-way: a private
+temporary file is written, flushed and moved over the old one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,18 +52,37 @@ def default_path() -> Path:
 
 
 def load(path: Path | None = None) -> Settings:
+    """The saved settings; defaults for a missing or unreadable file, or one that is not an
+    object; a field of the wrong type keeps its default."""
     path = path or default_path()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return Settings()
-    known = {f.name for f in fields(Settings)}
-    return Settings(**{k: v for k, v in data.items() if k in known})
+    if not isinstance(data, dict):
+        return Settings()
+    defaults = Settings()
+    values = {}
+    for item in fields(Settings):
+        if item.name in data and isinstance(data[item.name], type(getattr(defaults, item.name))):
+            values[item.name] = data[item.name]
+    return Settings(**values)
 
 
 def save(settings: Settings, path: Path | None = None) -> None:
     path = path or default_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(asdict(settings), indent=2), encoding="utf-8")
-    os.replace(temporary, path)
+    text = json.dumps(asdict(settings), indent=2)
+    # mkstemp creates the file 0600 in the same folder, so os.replace is atomic.
+    fd, temporary = tempfile.mkstemp(prefix=".settings-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, 0o600)  # mkstemp already did; say it where it matters
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise

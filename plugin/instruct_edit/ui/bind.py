@@ -32,10 +32,15 @@ def bind_combo_data(state: Observable, name: str, combo: QtWidgets.QComboBox) ->
         lambda index: index >= 0 and setattr(state, name, combo.itemData(index)))
 
 
-def bind_guidance(state: Observable, name: str, slider: QtWidgets.QSlider,
-                  spin: QtWidgets.QDoubleSpinBox, scale: int = 10) -> None:
-    """A slider (coarse, tenths) and a spin box (exact) showing the same guidance value."""
-    bind_spin(state, name, spin)
-    state.on_change(name, lambda value: slider.setValue(round(value * scale)), owner=slider)
+def link_slider(slider: QtWidgets.QSlider, spin: QtWidgets.QDoubleSpinBox, scale: float) -> None:
+    """A slider (coarse: `scale` ticks per unit) following a spin box (exact), both ways."""
+
+    def show(value: float) -> None:
+        tick = round(value * scale)
+        if slider.value() != tick:
+            slider.setValue(tick)
+
+    spin.valueChanged.connect(show)
     slider.valueChanged.connect(
-        lambda v: abs(getattr(state, name) - v / scale) >= 0.5 / scale and setattr(state, name, v / scale))
+        lambda tick: abs(spin.value() - tick / scale) >= 0.5 / scale and spin.setValue(tick / scale))
+    show(spin.value())

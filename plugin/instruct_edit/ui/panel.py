@@ -1,10 +1,14 @@
-"""EditPanel: the docker's contents. Shows EditState and calls EditController; no logic."""
+"""EditPanel: the docker's contents. Shows EditState and calls EditController; no logic.
+
+The model's own controls come from the engine (ui/params_form.py); this panel knows no
+model family by name.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..model import naming
+from .. import provenance
 from ..model.controller import EditController
 from ..model.state import (
     BUSY_STATES,
@@ -16,18 +20,37 @@ from ..model.state import (
     STARTING,
 )
 from ..qt import QKeySequence, QPixmap, QShortcut, Qt, QtWidgets
-from ..request import GUIDANCE_RANGE, MAX_SEED, MAX_STEPS, MAX_VARIANTS
-from .bind import bind_check, bind_combo_data, bind_guidance, bind_spin
+from ..specs import Limits, ModelInfo, ResolutionRule, StepsRule
+from .bind import bind_check, bind_combo_data, bind_spin
+from .params_form import ParamsForm
 
-RESOLUTIONS = [(0, "Auto (512)"), (256, "256"), (384, "384"), (512, "512"), (640, "640"),
-               (768, "768"), (1024, "1024")]
+#: Working sizes offered in the resolution list (those inside the model's range).
+RESOLUTION_CHOICES = (256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 2048)
 
-TEXT_GUIDANCE_TIP = (
-    "Text guidance (s_T): how strongly the edit follows the instruction. Higher = a stronger "
-    "edit, but too high looks overcooked. Default 7.5.")
-IMAGE_GUIDANCE_TIP = (
-    "Image guidance (s_I): how closely the result keeps to your picture. Higher = more "
-    "faithful, less change. Default 1.5; try 1.0–1.2 for bigger changes.")
+
+def model_label(info: ModelInfo) -> str:
+    """A model as the model list shows it: name, family, and what to know before choosing."""
+    label = info.name
+    if info.family_label and info.family_label.lower() not in info.name.lower():
+        label += f" · {info.family_label}"
+    if info.default:
+        label += " (default)"
+    if info.non_commercial:
+        label += " · non-commercial"
+    if info.available_locally is False:
+        label += " · downloads on first use"
+    return label
+
+
+def explore_tip(info: ModelInfo | None, reason: str | None) -> str:
+    """The Explore button's tooltip: what it sweeps, or why it can't."""
+    if reason or info is None:
+        return reason or ""
+    axes = info.explore_axes()
+    names = " and ".join(spec.short for spec in axes)
+    grid = " × ".join("3" for _ in axes)
+    return (f"Try {grid} values of {names} around the current ones with the same seed: "
+            f"{3 ** len(axes)} layers to compare")
 
 
 class EditPanel(QtWidgets.QWidget):
@@ -73,8 +96,6 @@ class EditPanel(QtWidgets.QWidget):
         self.edit_button.setToolTip("Edit the source with the instruction (Ctrl+Enter)")
         self.edit_button.clicked.connect(lambda: controller.edit())
         self.explore_button = QtWidgets.QPushButton("Explore")
-        self.explore_button.setToolTip("Try 3 image × 3 text guidance values around the current "
-                                       "ones with the same seed: 9 layers to compare")
         self.explore_button.clicked.connect(lambda: controller.edit(explore=True))
         self.cancel_button = QtWidgets.QPushButton("Cancel")
         self.cancel_button.clicked.connect(controller.cancel)
@@ -103,7 +124,7 @@ class EditPanel(QtWidgets.QWidget):
         self.message_label.setWordWrap(True)
         layout.addWidget(self.message_label)
 
-        # Parameters
+        # Parameters: the source and model, the model's own parameters, then the shared ones
         form = QtWidgets.QFormLayout()
         self.source = QtWidgets.QComboBox()
         self.source.addItem("Current layer", "layer")
@@ -112,61 +133,65 @@ class EditPanel(QtWidgets.QWidget):
                                "(plus some context around it) is edited.")
         bind_combo_data(state, "source", self.source)
         form.addRow("Source", self.source)
-        self.text_slider, self.text_spin = self._guidance_row(form, "Text guidance", "text_guidance",
-                                                              TEXT_GUIDANCE_TIP)
-        self.image_slider, self.image_spin = self._guidance_row(form, "Image guidance", "image_guidance",
-                                                                IMAGE_GUIDANCE_TIP, maximum=5.0)
+        self.model = QtWidgets.QComboBox()
+        self.model.currentIndexChanged.connect(
+            lambda i: i >= 0 and setattr(state, "model", self.model.itemData(i) or ""))
+        form.addRow("Model", self.model)
+        self.licence_note = QtWidgets.QLabel()
+        self.licence_note.setWordWrap(True)
+        self.licence_note.setStyleSheet("color: #d9a520;")
+        form.addRow(self.licence_note)
+        self.preset_label = QtWidgets.QLabel("Preset")
+        self.preset = QtWidgets.QComboBox()
+        self.preset.setToolTip("Presets of this model (e.g. few-step LoRAs): they set steps, "
+                               "parameters and LoRAs together")
+        bind_combo_data(state, "preset", self.preset)
+        form.addRow(self.preset_label, self.preset)
+        self.params = ParamsForm(state)
+        form.addRow(self.params)
         self.steps = QtWidgets.QSpinBox()
-        self.steps.setRange(1, MAX_STEPS)
-        self.steps.setToolTip("Denoising steps: more = finer detail, slower. 20 is a good start.")
-        bind_spin(state, "steps", self.steps)
         form.addRow("Steps", self.steps)
         seed_row = QtWidgets.QHBoxLayout()
         self.seed = QtWidgets.QSpinBox()
-        self.seed.setRange(0, min(MAX_SEED, 2**31 - 1))
         self.seed.setToolTip("The same seed and settings give the same result.")
-        bind_spin(state, "seed", self.seed)
         self.random_seed = QtWidgets.QCheckBox("new each time")
         self.random_seed.setToolTip("Pick a new seed for every edit (uncheck to keep this seed)")
-        bind_check(state, "random_seed", self.random_seed)
         seed_row.addWidget(self.seed, 1)
         seed_row.addWidget(self.random_seed)
         form.addRow("Seed", seed_row)
         self.variants = QtWidgets.QSpinBox()
-        self.variants.setRange(1, MAX_VARIANTS)
         self.variants.setToolTip("How many versions to make (seeds seed, seed+1, …); each becomes a "
                                  "layer in the result group, the first one visible.")
-        bind_spin(state, "variants", self.variants)
         form.addRow("Variants", self.variants)
         self.resolution = QtWidgets.QComboBox()
-        for value, label in RESOLUTIONS:
-            self.resolution.addItem(label, value)
-        self.resolution.setToolTip("Working size (longer side) the engine edits at; the result is "
-                                   "scaled back to your canvas. Auto uses the model's native 512.")
-        state.on_change("resolution", self._show_resolution, owner=self)
-        bind_combo_data(state, "resolution", self.resolution)
+        self.resolution.currentIndexChanged.connect(
+            lambda i: i >= 0 and setattr(state, "resolution", int(self.resolution.itemData(i) or 0)))
         form.addRow("Resolution", self.resolution)
-        self.model = QtWidgets.QComboBox()
-        self.model.setToolTip("Edit model (from the engine's list)")
-        self.model.currentIndexChanged.connect(
-            lambda i: i >= 0 and setattr(state, "model", self.model.itemData(i) or ""))
-        state.on_change("models", self._show_models, owner=self)
-        form.addRow("Model", self.model)
         lora_row = QtWidgets.QHBoxLayout()
         self.lora = QtWidgets.QComboBox()
         self.lora.setToolTip("A LoRA adapter (style) from the engine's LoRA folder")
         self.lora.currentIndexChanged.connect(
             lambda i: i >= 0 and setattr(state, "lora_path", self.lora.itemData(i) or ""))
-        state.on_change("loras", self._show_loras, owner=self)
         self.lora_strength = QtWidgets.QDoubleSpinBox()
-        self.lora_strength.setRange(-4.0, 4.0)
         self.lora_strength.setSingleStep(0.1)
         self.lora_strength.setToolTip("LoRA strength (1 = as trained)")
-        bind_spin(state, "lora_strength", self.lora_strength)
         lora_row.addWidget(self.lora, 1)
         lora_row.addWidget(self.lora_strength)
         form.addRow("LoRA", lora_row)
         layout.addLayout(form)
+
+        # Ranges first (limits, the model's rules), then the values inside them.
+        state.on_change("limits", self._show_limits, owner=self)
+        state.on_change("engine_models", lambda _v: self._show_models(), owner=self)
+        state.on_change("model", lambda _v: self._show_models(), owner=self)
+        state.on_change("model_info", self._show_model_info, owner=self)
+        state.on_change("resolution", self._show_resolution, owner=self)
+        state.on_change("loras", self._show_loras, owner=self)
+        bind_spin(state, "steps", self.steps)
+        bind_spin(state, "seed", self.seed)
+        bind_check(state, "random_seed", self.random_seed)
+        bind_spin(state, "variants", self.variants)
+        bind_spin(state, "lora_strength", self.lora_strength)
 
         # Provenance of the selected result layer
         self.provenance_box = QtWidgets.QGroupBox("Selected result")
@@ -192,25 +217,6 @@ class EditPanel(QtWidgets.QWidget):
         state.on_change("preview", self._show_preview, owner=self)
         state.on_change("selected_provenance", self._show_provenance, owner=self)
 
-    # --- rows --------------------------------------------------------------------------
-
-    def _guidance_row(self, form: QtWidgets.QFormLayout, label: str, name: str, tip: str,
-                      maximum: float = 20.0) -> tuple[QtWidgets.QSlider, QtWidgets.QDoubleSpinBox]:
-        row = QtWidgets.QHBoxLayout()
-        slider = QtWidgets.QSlider(Qt.Orientation.Horizontal)
-        slider.setRange(0, round(maximum * 10))
-        spin = QtWidgets.QDoubleSpinBox()
-        spin.setRange(*GUIDANCE_RANGE)
-        spin.setSingleStep(0.1 if maximum <= 5 else 0.5)
-        spin.setDecimals(2)
-        for widget in (slider, spin):
-            widget.setToolTip(tip)
-        bind_guidance(self.state, name, slider, spin)
-        row.addWidget(slider, 1)
-        row.addWidget(spin)
-        form.addRow(label, row)
-        return slider, spin
-
     # --- views of the state --------------------------------------------------------------
 
     def _show_instruction(self, text: str) -> None:
@@ -225,27 +231,97 @@ class EditPanel(QtWidgets.QWidget):
         self.instruction.blockSignals(False)
         self.instruction.lineEdit().setText(text)
 
-    def _show_models(self, models: list[dict]) -> None:
-        current = self.state.model
+    def _show_models(self) -> None:
+        """The model list: every model the engine offers, the selected (or default) one chosen."""
+        state = self.state
+        catalogue = state.engine_models
+        selected = catalogue.find(state.model)
+        wanted = state.model or (selected.id if selected else "")
         self.model.blockSignals(True)
         self.model.clear()
-        self.model.addItem("Engine default", "")
-        for entry in models:
-            label = str(entry.get("name") or entry["id"])
-            if entry.get("available_locally") is False:
-                label += " (downloads on first use)"
-            self.model.addItem(label, entry["id"])
-        index = self.model.findData(current)
-        self.model.setCurrentIndex(max(0, index))
-        self.model.blockSignals(False)
+        for info in catalogue.models:
+            self.model.addItem(model_label(info), info.id)
+            self.model.setItemData(self.model.count() - 1, info.tooltip(), Qt.ItemDataRole.ToolTipRole)
+        if not catalogue.models:
+            self.model.addItem("Engine default", "")
+        index = self.model.findData(wanted)
         if index < 0:
-            self.state.model = ""  # a remembered model this engine lacks: use its default
+            self.model.addItem(f"{wanted} (not offered by this engine)", wanted)
+            index = self.model.count() - 1
+        self.model.setCurrentIndex(index)
+        self.model.blockSignals(False)
+        self.model.setToolTip(selected.tooltip() if selected else "Edit model (from the engine's list)")
+
+    def _show_model_info(self, info: ModelInfo | None) -> None:
+        """The controls that follow the model: presets, steps, resolution, licence, Explore."""
+        state = self.state
+        self.preset.blockSignals(True)
+        self.preset.clear()
+        self.preset.addItem("None", "")
+        for preset in info.presets if info else ():
+            self.preset.addItem(preset.label, preset.id)
+            self.preset.setItemData(self.preset.count() - 1, preset.describe(), Qt.ItemDataRole.ToolTipRole)
+        self.preset.setCurrentIndex(max(0, self.preset.findData(state.preset)))
+        self.preset.blockSignals(False)
+        has_presets = bool(info and info.presets)
+        self.preset.setVisible(has_presets)
+        self.preset_label.setVisible(has_presets)
+
+        steps = info.steps if info else StepsRule()
+        recommended = info.default_steps if info else None
+        self.steps.blockSignals(True)
+        self.steps.setRange(0, steps.maximum)
+        self.steps.setSpecialValueText(f"Auto ({recommended})" if recommended else "Auto")
+        self.steps.setValue(int(state.steps))
+        self.steps.blockSignals(False)
+        self.steps.setToolTip(
+            "Denoising steps: more = finer detail, slower. Auto uses "
+            + (f"this model's recommended {recommended}" if recommended else "the model's own count")
+            + (" (or the preset's)." if has_presets else "."))
+        self._fill_resolutions(info.resolution if info else ResolutionRule(),
+                               info.default_resolution if info else None)
+        self._show_licence(info)
+        self._show_progress()
+
+    def _fill_resolutions(self, rule: ResolutionRule, default: int | None) -> None:
+        self.resolution.blockSignals(True)
+        self.resolution.clear()
+        self.resolution.addItem(f"Auto ({default})" if default else "Auto", 0)
+        for value in RESOLUTION_CHOICES:
+            if rule.minimum <= value <= rule.maximum:
+                self.resolution.addItem(str(value), value)
+        self.resolution.blockSignals(False)
+        self.resolution.setToolTip(
+            f"Working size the engine edits at: {rule.describe()}. The result comes back at your "
+            "canvas's size. Auto uses the model's own size" + (f" ({default})." if default else "."))
+        value = self.state.resolution  # still the previous model's while the models switch
+        if rule.minimum <= value <= rule.maximum:
+            self._show_resolution(value)
 
     def _show_resolution(self, value: int) -> None:
-        # A working size set elsewhere (saved settings, scripts) that the list lacks.
-        if self.resolution.findData(value) < 0:
+        index = self.resolution.findData(value)
+        if index < 0:  # a working size set elsewhere (saved settings, scripts) that the list lacks
+            self.resolution.blockSignals(True)
             self.resolution.addItem(str(value), value)
-            self.resolution.setCurrentIndex(self.resolution.count() - 1)
+            self.resolution.blockSignals(False)
+            index = self.resolution.count() - 1
+        if index != self.resolution.currentIndex():
+            self.resolution.blockSignals(True)
+            self.resolution.setCurrentIndex(index)
+            self.resolution.blockSignals(False)
+
+    def _show_licence(self, info: ModelInfo | None) -> None:
+        flagged = bool(info and info.non_commercial)
+        if info is not None and flagged:
+            licence = f" ({info.licence})" if info.licence else ""
+            self.licence_note.setText(f"Non-commercial licence{licence}: results may not be used "
+                                      "commercially.")
+        self.licence_note.setVisible(flagged)
+
+    def _show_limits(self, limits: Limits) -> None:
+        self.seed.setRange(0, limits.seed_widget_max)
+        self.variants.setRange(1, limits.max_variants)
+        self.lora_strength.setRange(*limits.lora_strength)
 
     def _show_loras(self, loras: list[str]) -> None:
         current = self.state.lora_path
@@ -268,8 +344,10 @@ class EditPanel(QtWidgets.QWidget):
         state = self.state
         busy = state.job_state in BUSY_STATES
         connected = state.connection == CONNECTED
+        reason = state.explore_unavailable()
         self.edit_button.setEnabled(not busy and connected)
-        self.explore_button.setEnabled(not busy and connected)
+        self.explore_button.setEnabled(not busy and connected and reason is None)
+        self.explore_button.setToolTip(explore_tip(state.model_info, reason))
         self.cancel_button.setEnabled(busy)
         total = max(1, state.total_steps)
         self.progress.setRange(0, total)
@@ -304,7 +382,7 @@ class EditPanel(QtWidgets.QWidget):
     def _show_provenance(self, record: dict | None) -> None:
         self.provenance_box.setVisible(bool(record))
         if record:
-            self.provenance_label.setText(naming.describe(record))
+            self.provenance_label.setText(provenance.describe(record))
 
     def _chain(self) -> None:
         self.controller.edit_this_result()
