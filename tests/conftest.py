@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# The tests' tiny models are imported as `tests.tiny_models.*` (pytest runs with
+# --import-mode=importlib, which does not put the repository root on sys.path).
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 # Set before any library import reads them.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -19,6 +26,6 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random InstructPix2Pix saved as a diffusers folder (safetensors), built once."""
-    from engine.testing import save_tiny_model
+    from tests.tiny_models.sd import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-ip2p")

@@ -191,7 +191,7 @@ def save_demo_base(folder: Path, vae, seed: int = 0, prediction_type: str = "v_p
     """
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
-    from engine.testing import build_tiny_components
+    from training.demo_model import build_tiny_components
 
     parts = build_tiny_components(seed=seed, sample_size=TRAIN_RESOLUTION // 4)
     parts["vae"] = vae

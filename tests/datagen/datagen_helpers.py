@@ -10,7 +10,7 @@ TINY_RESOLUTION = 32
 
 
 def build_tiny_sd_pipeline(seed: int = 0, sharp_self_attention: bool = False):
-    """A text-to-image SD pipeline (4-channel UNet) from engine.testing's tiny components.
+    """A text-to-image SD pipeline (4-channel UNet) from tests.tiny_models.sd's tiny components.
 
     Randomly initialised self-attention is almost uniform (q·k ≈ 0), and uniform maps are the
     same for both images, so sharing them would change nothing visible. `sharp_self_attention`
@@ -19,7 +19,7 @@ def build_tiny_sd_pipeline(seed: int = 0, sharp_self_attention: bool = False):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from engine.testing import build_tiny_components
+    from tests.tiny_models.sd import build_tiny_components
 
     components = build_tiny_components(seed=seed, in_channels=4, sample_size=16)
     if sharp_self_attention:
@@ -36,7 +36,7 @@ def build_tiny_clip(seed: int = 0):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from engine.testing import build_tiny_tokenizer
+    from tests.tiny_models.sd import build_tiny_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer()

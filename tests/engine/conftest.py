@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.editor import Editor
-from engine.testing import build_tiny_pipeline
+from tests.tiny_models.sd import build_tiny_pipeline
 
 
 @pytest.fixture

@@ -72,6 +72,14 @@ def bad_inputs(tmp_path: Path, picture: Path, model: Path) -> dict[str, tuple[li
         "exists": ([str(picture), "-i", "x", "-o", str(picture), *m], "already exists"),
         "bad steps": ([str(picture), "-i", "x", "-o", out, "--steps", "0", *m], "steps must be"),
         "pickle": ([str(picture), "-i", "x", "-o", out, "--model", str(tmp_path / "m.ckpt")], "arbitrary code"),
+        "foreign flag": ([str(picture), "-i", "x", "-o", out, "--guidance", "2.5", *m],
+                         "--guidance is not a parameter of InstructPix2Pix models; they take "
+                         "--text-guidance, --image-guidance, --scheduler"),
+        "foreign alias": ([str(picture), "-i", "x", "-o", out, "--true-cfg", "3", *m],
+                          "--true-cfg-scale is not a parameter of InstructPix2Pix"),
+        "out of range": ([str(picture), "-i", "x", "-o", out, "--text-guidance", "40", *m],
+                         "text_guidance must be a number from 0.0 to 30.0"),
+        "bad plan": ([str(picture), "-i", "x", "-o", out, "--family", "nope", *m], "not available"),
     }
 
 
@@ -105,14 +113,55 @@ def test_process_exit_code_and_no_traceback(tmp_path: Path) -> None:
     assert result.stderr.strip().startswith("error: input") and "Traceback" not in result.stderr
 
 
-def test_help_has_examples() -> None:
+def test_help_has_examples_and_every_familys_flags() -> None:
     result = run_cli("edit", "--help")
     assert result.returncode == 0 and "examples:" in result.stdout and "--image-guidance" in result.stdout
+    from engine.families import FAMILIES
+
+    for flag, family in (("--guidance", "flux-kontext"), ("--true-cfg", "qwen-image-edit"),
+                         ("--negative-prompt", "qwen-image-edit")):
+        if family in FAMILIES:
+            assert flag in result.stdout, flag
+    for flag in ("--memory-plan", "--quantization", "--family"):
+        assert flag in result.stdout
+    assert "diffusers" not in run_cli_imports()  # parsing the flags does not load diffusers
+
+
+def run_cli_imports() -> str:
+    code = "import sys, engine.cli; engine.cli.build_parser(); print(' '.join(sorted(sys.modules)))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
+
+
+def test_family_flags_reach_the_editor_as_options(tmp_path: Path, picture: Path, tiny_model_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.editor
+
+    seen: dict = {}
+
+    class FakeEditor:  # records what the CLI hands over; the real edit is tested above
+        def __init__(self, model, **kwargs) -> None:
+            seen["model"], seen["kwargs"] = model, kwargs
+
+        def resolve(self, params):
+            return engine.editor.ResolvedEdit(steps=params.steps or 20, resolution=512, options={})
+
+        def edit(self, image, params, mask=None, **kwargs):
+            seen["params"] = params
+            return [image]
+
+    monkeypatch.setattr(engine.editor, "Editor", FakeEditor)
+    code = main(["edit", str(picture), "-i", "make it red", "-o", str(tmp_path / "o.png"),
+                 "--model", str(tiny_model_dir), "--image-guidance", "1.0", "--text-guidance", "3",
+                 "--scheduler", "dpm++", "--memory-plan", "offload-text", "--quiet"])
+    assert code == 0
+    assert seen["params"].options == {"text_guidance": 3.0, "image_guidance": 1.0, "scheduler": "dpm++"}
+    assert seen["params"].steps is None and seen["params"].resolution is None  # the model's defaults
+    assert seen["kwargs"]["family"].id == "sd-ip2p" and seen["kwargs"]["memory_plan"] == "offload-text"
 
 
 def test_single_file_checkpoint_with_its_config(tmp_path: Path, picture: Path, tiny_model_dir: Path) -> None:
-    from engine.testing import build_tiny_pipeline
-    from engine.testing_ldm import save_as_ldm_single_file
+    from tests.tiny_models.ldm import save_as_ldm_single_file
+    from tests.tiny_models.sd import build_tiny_pipeline
 
     checkpoint = save_as_ldm_single_file(build_tiny_pipeline(), tmp_path / "tiny.safetensors")
     out = tmp_path / "single.png"

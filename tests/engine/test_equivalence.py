@@ -9,7 +9,14 @@ import torch
 from engine.editor import Editor
 from engine.errors import EditCancelled
 from engine.request import EditParams
-from engine.testing import build_tiny_pipeline
+from tests.tiny_models.sd import build_tiny_pipeline
+
+IP2P_DEFAULTS = {"text_guidance": 7.5, "image_guidance": 1.5}
+
+
+def ip2p(instruction: str, steps: int, seed: int = 0, **options) -> EditParams:
+    """EditParams with the InstructPix2Pix family's options (defaults spelled out)."""
+    return EditParams(instruction, steps=steps, seed=seed, options={**IP2P_DEFAULTS, **options})
 
 
 def diffusers_reference(image: np.ndarray, params: EditParams) -> np.ndarray:
@@ -18,8 +25,8 @@ def diffusers_reference(image: np.ndarray, params: EditParams) -> np.ndarray:
         params.instruction,
         image=torch.from_numpy(image).permute(2, 0, 1)[None],  # [0, 1], as diffusers expects
         num_inference_steps=params.steps,
-        guidance_scale=params.text_guidance,
-        image_guidance_scale=params.image_guidance,
+        guidance_scale=params.options["text_guidance"],
+        image_guidance_scale=params.options["image_guidance"],
         generator=torch.Generator().manual_seed(params.seed),
         output_type="np",
     )
@@ -28,7 +35,7 @@ def diffusers_reference(image: np.ndarray, params: EditParams) -> np.ndarray:
 
 @pytest.mark.parametrize(("s_t", "s_i"), [(7.5, 1.5), (7.5, 1.0), (4.0, 2.2)])
 def test_equals_diffusers_pipeline(editor: Editor, working_image: np.ndarray, s_t: float, s_i: float) -> None:
-    params = EditParams("make it red", text_guidance=s_t, image_guidance=s_i, steps=4, seed=11)
+    params = ip2p("make it red", text_guidance=s_t, image_guidance=s_i, steps=4, seed=11)
     ours = editor.edit_working_size(working_image, params)[0]
     np.testing.assert_allclose(ours, diffusers_reference(working_image, params), atol=1e-5)
 
@@ -58,7 +65,7 @@ def test_image_guidance_below_one_uses_all_three_branches(editor: Editor, workin
         captured.append(model_output)
         return original_step(self, model_output, *args, **kwargs)
 
-    params = EditParams("make it red", text_guidance=7.5, image_guidance=0.5, steps=2, seed=1)
+    params = ip2p("make it red", text_guidance=7.5, image_guidance=0.5, steps=2, seed=1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(type(editor.pipe.scheduler), "step", step)
         ours = editor.edit_working_size(working_image, params)[0]
@@ -76,7 +83,7 @@ def test_image_guidance_below_one_uses_all_three_branches(editor: Editor, workin
 
 def test_unit_image_guidance_skips_the_unconditional_branch(editor: Editor, working_image: np.ndarray) -> None:
     spy = UNetSpy(editor)
-    editor.edit_working_size(working_image, EditParams("make it red", image_guidance=1.0, steps=2))
+    editor.edit_working_size(working_image, ip2p("make it red", image_guidance=1.0, steps=2))
     assert [c["sample"].shape[0] for c in spy.calls] == [2, 2]
 
 
@@ -131,11 +138,11 @@ def test_out_of_memory_retries_with_smaller_batches(editor: Editor, working_imag
     original = editor._run
     batch_sizes: list[int] = []
 
-    def run(working_input, p, seeds, *args):
+    def run(working_input, instruction, resolved, seeds, *args):
         batch_sizes.append(len(seeds))
         if len(seeds) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return original(working_input, p, seeds, *args)
+        return original(working_input, instruction, resolved, seeds, *args)
 
     editor._run = run
     got = editor.edit_working_size(working_image, params)
@@ -144,8 +151,19 @@ def test_out_of_memory_retries_with_smaller_batches(editor: Editor, working_imag
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_out_of_memory_with_one_variant_on_the_cpu_is_reported(editor: Editor, working_image: np.ndarray) -> None:
+    from engine.errors import OutOfMemory
+
+    def run(*args):
+        raise MemoryError()
+
+    editor._run = run
+    with pytest.raises(OutOfMemory, match="even one variant at a time"):
+        editor.edit_working_size(working_image, EditParams("x", steps=1))
+
+
 def test_few_step_scheduler_option(editor: Editor, working_image: np.ndarray) -> None:
     default = editor.edit_working_size(working_image, EditParams("make it red", steps=4))[0]
-    dpm = editor.edit_working_size(working_image, EditParams("make it red", steps=4, scheduler="dpm++"))[0]
+    dpm = editor.edit_working_size(working_image, ip2p("make it red", steps=4, scheduler="dpm++"))[0]
     assert dpm.shape == default.shape and np.isfinite(dpm).all()
     assert np.abs(dpm - default).max() > 1e-3

@@ -96,12 +96,13 @@ def test_detail_preserved_through_the_editor_for_a_recolouring(editor: Editor) -
     """A stand-in model that only recolours: lines at full resolution must survive it."""
     art = (line_art(1024) * 255).astype(np.uint8)
 
-    def recolour(working_input, params, **kwargs):
+    def recolour(working_input, params, resolved, *args):
+        assert working_input.shape == (256, 256, 3)  # the family's working size
         tinted = working_input.copy()
         tinted[..., 0] = np.clip(tinted[..., 0] + 0.2, 0, 1)
         return [tinted]
 
-    editor.edit_working_size = recolour
+    editor._edit_working = recolour  # the model part, replaced by a stand-in
     result = np.asarray(editor.edit(Image.fromarray(art), EditParams("make it warmer", resolution=256))[0])
     lines = art[..., 1] == 0
     # the lines stay 1 pixel wide and dark; the paper between them stays paper

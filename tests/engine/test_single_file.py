@@ -1,6 +1,6 @@
 """Single-file (original LDM/CompVis layout) checkpoints load into the same pipeline.
 
-The files are written by `engine.testing_ldm` from a tiny random pipeline; diffusers' own
+The files are written by `tests.tiny_models.ldm` from a tiny random pipeline; diffusers' own
 converter (`from_single_file`) reads them back, so a wrong name or shape in either direction
 shows up as a weight that differs or is missing.
 """
@@ -25,13 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from engine.testing import (
-    FULL_TEXT_CONFIG,
-    FULL_UNET_CONFIG,
-    FULL_VAE_CONFIG,
-    build_tiny_pipeline,
-)
-from engine.testing_ldm import (
+from tests.tiny_models.ldm import (
     UnmappedWeightError,
     clip_text_state_dict_to_ldm,
     save_as_ldm_ckpt,
@@ -39,6 +33,12 @@ from engine.testing_ldm import (
     save_diffusers_config_folder,
     unet_state_dict_to_ldm,
     vae_state_dict_to_ldm,
+)
+from tests.tiny_models.sd import (
+    FULL_TEXT_CONFIG,
+    FULL_UNET_CONFIG,
+    FULL_VAE_CONFIG,
+    build_tiny_pipeline,
 )
 
 COMPONENTS = ("unet", "vae", "text_encoder")

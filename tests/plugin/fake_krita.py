@@ -163,6 +163,13 @@ class Selection:
         self._rect = self._rect.united(QRect(x, y, w, h))  # bounding box, like Krita's
         return self
 
+    def set_mask(self, data: bytes, x: int, y: int, w: int, h: int) -> Selection:
+        """The whole canvas's selection bytes at once (soft selections), with their bounding box."""
+        assert len(data) == self._w * self._h
+        self.mask[:] = data
+        self._rect = QRect(x, y, w, h)
+        return self
+
     def _box(self) -> tuple[int, int, int, int]:
         return self._rect.x(), self._rect.y(), self._rect.width(), self._rect.height()
 

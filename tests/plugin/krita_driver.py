@@ -102,7 +102,9 @@ class Scenario:
         note("docker_visible", dock.isVisible())
         self.panel = panel
         self.controller = panel.controller
-        wait(lambda: self.controller.state.connection == "connected", self.edit, 120,
+        # Connected, and the engine's model list (with each model's parameters) is in.
+        wait(lambda: self.controller.state.connection == "connected" and self.controller.state.models,
+             self.edit, 120,
              "engine connection: " + str(self.controller.state.connection_message))
 
     def edit(self):
@@ -138,14 +140,36 @@ class Scenario:
         data = bytes(layers[0].pixelData(0, 0, W, H))
         x0, y0, w, h = SEL
         inside_alpha = [data[((y0 + h // 2) * W + x0 + w // 2) * 4 + 3]]
-        outside = 0
+        from instruct_edit.krita_document import KritaDocument
+
+        record = KritaDocument(document).provenance_of(layers[0])
+        rx, ry, rw, rh = record["bounds"]
+        outside_region = 0
         for y in range(H):
             for x in range(W):
-                if not (x0 <= x < x0 + w and y0 <= y < y0 + h) and data[(y * W + x) * 4 + 3] != 0:
-                    outside += 1
+                if not (rx <= x < rx + rw and ry <= y < ry + rh) and data[(y * W + x) * 4 + 3] != 0:
+                    outside_region += 1
+        # Inside the region but outside the selection: the source's own bytes (the engine
+        # blended the selection at full resolution; the plugin placed its pixels exactly).
+        kept = differing = 0
+        for y in range(ry, ry + rh):
+            for x in range(rx, rx + rw):
+                if not (x0 <= x < x0 + w and y0 <= y < y0 + h):
+                    i = (y * W + x) * 4
+                    kept += 1
+                    differing += data[i : i + 4] != self.source_before[i : i + 4]
+        note("region", [rx, ry, rw, rh])
         note("inside_alpha", inside_alpha)
-        note("opaque_pixels_outside_selection", outside)
+        note("opaque_pixels_outside_region", outside_region)
+        note("region_pixels_outside_selection", kept)
+        note("changed_pixels_outside_selection", differing)
         note("source_unchanged", bytes(self.background.pixelData(0, 0, W, H)) == self.source_before)
+        # Krita shows the new layers (the projection is refreshed).
+        document.waitForDone()
+        shown = bytes(document.pixelData(x0, y0, w, h))
+        original = b"".join(self.source_before[((y0 + r) * W + x0) * 4 : ((y0 + r) * W + x0 + w) * 4]
+                            for r in range(h))
+        note("projection_shows_result", shown != original)
         from instruct_edit.krita_document import KritaDocument
 
         adapter = KritaDocument(document)
@@ -190,7 +214,259 @@ class Scenario:
         note("reopened_provenance", found)
         reopened.setModified(False)
         reopened.close()
-        quit_krita(0)
+        if os.environ.get("E2E_ECHO_URL"):
+            QTimer.singleShot(200, self.echo_phase)
+        else:
+            quit_krita(0)
+
+
+    # --- lossless round trip at full resolution, against an engine that echoes its input ---
+
+    def echo_phase(self):
+        from instruct_edit.model.settings import Settings
+
+        self.controller.apply_settings(Settings(
+            engine_mode="remote", remote_url=os.environ["E2E_ECHO_URL"],
+            remote_token=os.environ["E2E_ECHO_TOKEN"],
+            python_path=self.controller.settings.python_path))
+        wait(lambda: self.controller.state.connection == "connected", self.big_document, 30,
+             "echo engine connection: " + str(self.controller.state.connection_message))
+
+    def big_document(self):
+        bw, bh = (int(v) for v in os.environ.get("E2E_BIG", "3000x2000").split("x"))
+        self.big_size = (bw, bh)
+        app = Krita.instance()
+        document = app.createDocument(bw, bh, "echo", "RGBA", "U8", "", 72.0)
+        app.activeWindow().addView(document)
+        self.big = document
+        node = document.activeNode()
+        started = time.perf_counter()
+        data = line_art(bw, bh)
+        node.setPixelData(QByteArray(data), 0, 0, bw, bh)
+        document.refreshProjection()
+        document.waitForDone()
+        note("big_setup_seconds", round(time.perf_counter() - started, 2))
+        self.big_source = data
+        self.big_node = node
+        # How long one read of the whole layer would block the UI thread in Krita.
+        reads = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            node.pixelData(0, 0, bw, bh)
+            reads.append(round((time.perf_counter() - t0) * 1000, 1))
+        note("krita_whole_read_ms", reads)
+        selection_side = int(os.environ.get("E2E_SELECTION", "0"))
+        if selection_side:  # the benchmark's case: a square selection in the middle
+            box = ((bw - selection_side) // 2, (bh - selection_side) // 2, selection_side, selection_side)
+            self.echo_runs = [("none", None), ("hard", box), ("none", None), ("hard", box)]
+        else:
+            self.echo_runs = [("none", None), ("soft", (bw // 3, bh // 4, bw // 3, bh // 3))]
+        self.echo_results = {}
+        self.next_echo()
+
+    def next_echo(self):
+        if not self.echo_runs:
+            self.big.setModified(False)
+            quit_krita(0)
+            return
+        kind, box = self.echo_runs.pop(0)
+        bw, bh = self.big_size
+        document = self.big
+        if box is None:
+            document.setSelection(None)
+        elif kind == "hard":
+            selection = Selection()
+            selection.select(*box, 255)
+            document.setSelection(selection)
+        else:
+            selection = Selection()
+            selection.setPixelData(QByteArray(soft_mask(bw, bh, box, 48)), 0, 0, bw, bh)
+            document.setSelection(selection)
+        document.setActiveNode(self.big_node)
+        controller = self.controller
+        self.panel.instruction.lineEdit().setText("keep it exactly")
+        instrument()
+        self.heartbeat_start()
+        self.echo_started = time.perf_counter()
+        controller.edit()
+        note("echo_error_after_click_" + kind, controller.state.error)
+        wait(lambda: controller.state.job_state in ("done", "failed", "cancelled"),
+             lambda: self.check_echo(kind), 120, "echo edit " + kind)
+
+    def heartbeat_start(self):
+        self.beat_last = time.perf_counter()
+        self.beat_worst = 0.0
+        self.rss_start = self.rss_peak = rss()
+        timer = QTimer()
+        timer.setInterval(10)
+
+        self.gaps = []
+
+        def beat():
+            now = time.perf_counter()
+            if now - self.beat_last > 0.04:
+                self.gaps.append([round((now - self.beat_last) * 1000), self.controller.state.job_state])
+            self.beat_worst = max(self.beat_worst, now - self.beat_last)
+            self.beat_last = now
+            self.rss_peak = max(self.rss_peak, rss())
+
+        timer.timeout.connect(beat)
+        timer.start()
+        self.heartbeat = timer
+
+    def check_echo(self, kind):
+        self.heartbeat.stop()
+        state = self.controller.state
+        bw, bh = self.big_size
+        out = {"state": state.job_state, "error": state.error,
+               "seconds": round(time.perf_counter() - self.echo_started, 2),
+               "longest_stall_ms": round(self.beat_worst * 1000, 1),
+               "stalls_over_40ms": self.gaps,
+               "rss_growth_mb": round((self.rss_peak - self.rss_start) / 2**20, 1),
+               "timing_ms": {k: round(v * 1000, 1) for k, v in TIMES.items()}}
+        TIMES.clear()
+        if state.job_state == "done":
+            from instruct_edit.krita_document import KritaDocument
+
+            group = self.controller.inserted_groups[-1]
+            result = next(n for n in group.childNodes() if n.visible())
+            record = KritaDocument(self.big).provenance_of(result)
+            x, y, w, h = record["bounds"]
+            out["region"] = [x, y, w, h]
+            out["region_mb"] = round(w * h * 4 / 2**20, 1)
+            got = bytes(result.pixelData(x, y, w, h))
+            want = bytes(self.big_node.pixelData(x, y, w, h))
+            out["identical"] = got == want
+            if got != want:
+                out["differing_bytes"] = sum(a != b for a, b in zip(got, want, strict=False))
+            alpha = bytes(result.pixelData(0, 0, bw, bh))[3::4]
+            outside = 0
+            for row in range(bh):
+                line = alpha[row * bw : (row + 1) * bw]
+                if y <= row < y + h:
+                    outside += len(line[:x].strip(b"\0")) + len(line[x + w :].strip(b"\0"))
+                else:
+                    outside += len(line.strip(b"\0"))
+            out["nonempty_outside_region"] = outside
+            out["source_unchanged"] = bytes(self.big_node.pixelData(0, 0, bw, bh)) == self.big_source
+        self.echo_results.setdefault(kind, []).append(out)
+        note("echo", self.echo_results)
+        QTimer.singleShot(100, self.next_echo)
+
+
+TIMES = {}
+
+
+def instrument():
+    """Add up the time the plugin spends in Krita calls and its own steps (UI thread)."""
+    from instruct_edit.krita_document import KritaDocument
+    from instruct_edit.model import jobs
+
+    if getattr(KritaDocument, "_e2e_wrapped", False):
+        return
+    KritaDocument._e2e_wrapped = True
+
+    def timed(function, key):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - t0
+                TIMES[key] = TIMES.get(key, 0.0) + spent
+                TIMES[key + " max"] = max(TIMES.get(key + " max", 0.0), spent)
+
+        return wrapper
+
+    class TimedDocument:
+        """Times each Krita Document call made while inserting (where does insert spend?)."""
+
+        def __init__(self, document):
+            self._document = document
+
+        def __getattr__(self, name):
+            attribute = getattr(self._document, name)
+            return timed(attribute, "insert: doc." + name) if callable(attribute) else attribute
+
+    original_insert = KritaDocument.insert_layers
+
+    def insert_layers(self, *args):
+        real = self.document
+        self.document = TimedDocument(real)
+        try:
+            return original_insert(self, *args)
+        finally:
+            self.document = real
+
+    KritaDocument.insert_layers = insert_layers
+    KritaDocument.read_rows = timed(KritaDocument.read_rows, "read")
+    KritaDocument.insert_layers = timed(KritaDocument.insert_layers, "insert")
+    KritaDocument.write_rows = staticmethod(timed(KritaDocument.write_rows, "write"))
+    jobs.EditJob._encode = timed(jobs.EditJob._encode, "build upload")
+    jobs.EditJob._checked = timed(jobs.EditJob._checked, "check result")
+
+
+def rss():
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def line_art(width, height):
+    """BGRA line art without numpy: 1-px lines, dots, a transparent band, a soft alpha band."""
+    paper = bytes((250, 248, 245, 255))
+    ink = bytes((20, 20, 20, 255))
+    blue = bytes((200, 60, 30, 255))
+    plain = bytearray(paper * width)
+    for x in range(0, width, 11):
+        plain[x * 4 : x * 4 + 4] = blue
+    plain = bytes(plain)
+    line = ink * width
+    half_clear = plain[: width * 2] + bytes(width * 2)
+    soft = bytearray(plain)
+    soft[3::4] = bytes(i * 255 // max(1, width - 1) for i in range(width))
+    soft = bytes(soft)
+    rows = []
+    for y in range(height):
+        if y % 7 == 0:
+            rows.append(line)
+        elif y % 13 == 5:
+            row = bytearray(plain)
+            for x in range((y * 7) % 5, width, 5):
+                row[x * 4 : x * 4 + 3] = bytes((x % 256, y % 256, (x * y) % 256))
+            rows.append(bytes(row))
+        elif height // 2 <= y < height // 2 + 30:
+            rows.append(half_clear)
+        elif height // 3 <= y < height // 3 + 20:
+            rows.append(soft)
+        else:
+            rows.append(plain)
+    return b"".join(rows)
+
+
+def soft_mask(width, height, box, feather):
+    """An 8-bit selection: 255 inside `box`, fading to 0 over `feather` pixels."""
+    x, y, w, h = box
+    ramp = bytes(255 * (i + 1) // (feather + 1) for i in range(feather))
+    row = bytes(x - feather) + ramp + b"\xff" * w + ramp[::-1]
+    row = row + bytes(width - len(row))
+    blank = bytes(width)
+    rows = []
+    for yy in range(height):
+        if y <= yy < y + h:
+            rows.append(row)
+        elif y - feather <= yy < y or y + h <= yy < y + h + feather:
+            distance = y - yy if yy < y else yy - (y + h - 1)
+            factor = 1 - distance / (feather + 1)
+            rows.append(row.translate(bytes(round(i * factor) for i in range(256))))
+        else:
+            rows.append(blank)
+    return b"".join(rows)
 
 
 class E2EExtension(Extension):

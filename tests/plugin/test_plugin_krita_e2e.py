@@ -9,6 +9,7 @@ Xvfb with a clean environment (no virtualenv on PATH); the plugin starts the rea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import build_plugin  # noqa: E402
@@ -33,6 +35,11 @@ pytestmark = [
 
 W, H = 256, 192
 SEL = (96, 64, 64, 48)
+# The lossless round trip: line art at full resolution. For the real-Krita benchmark run
+# INSTRUCT_EDIT_E2E_BIG=4096x4096 INSTRUCT_EDIT_E2E_SELECTION=1024 (figures in
+# artifacts/krita-e2e-results.json).
+BIG = tuple(int(v) for v in os.environ.get("INSTRUCT_EDIT_E2E_BIG", "3000x2000").split("x"))
+SELECTION = os.environ.get("INSTRUCT_EDIT_E2E_SELECTION", "0")
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +77,21 @@ def krita_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     (resources / "instruct_edit").mkdir(parents=True, exist_ok=True)
     (resources / "instruct_edit" / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
 
+    # The echo engine for the lossless round trip (its own process, on loopback).
+    engine_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "plugin"), str(HERE)]),
+                      QT_QPA_PLATFORM="offscreen")
+    echo = subprocess.Popen([sys.executable, str(HERE / "fake_engine.py"), "echo-token", "--mode", "echo"],
+                            stdout=subprocess.PIPE, text=True, env=engine_env)
+    echo_url = echo.stdout.readline().strip()
+
     results = home / "results.json"
     env = {
         "HOME": str(home), "XDG_DATA_HOME": str(data), "XDG_CONFIG_HOME": str(config),
         "XDG_RUNTIME_DIR": str(runtime), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
         "E2E_RESULTS": str(results), "E2E_ARTIFACTS": str(artifacts),
         "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+        "E2E_ECHO_URL": echo_url, "E2E_ECHO_TOKEN": "echo-token",
+        "E2E_BIG": f"{BIG[0]}x{BIG[1]}", "E2E_SELECTION": SELECTION,
     }
     command = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24 -nolisten tcp", "krita", "--nosplash"]
     log = []
@@ -91,7 +107,11 @@ def krita_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         log.append(f"--- attempt {attempt + 1} ---\n{output}")
         if results.exists():
             break
+    echo.terminate()
+    echo.wait(10)
     (artifacts / "krita-e2e.log").write_text("\n".join(log))
+    if results.exists():
+        shutil.copy(results, artifacts / "krita-e2e-results.json")
     observed = json.loads(results.read_text()) if results.exists() else {}
     observed["_log_tail"] = "\n".join(log)[-3000:]
     return observed
@@ -112,7 +132,8 @@ def test_docker_found_and_edit_done(krita_run):
 def test_result_group_and_layers(krita_run):
     assert krita_run["top_names"] == [krita_run["source_name"], "make it evening"]
     assert krita_run["group_type"] == "grouplayer"
-    assert krita_run["layer_names"] == ["seed 1234 · text 7.5 · image 1.5", "seed 1235 · text 7.5 · image 1.5"]
+    assert krita_run["layer_names"] == ["make it evening · s_T 7.5 s_I 1.5 · seed 1234",
+                                        "make it evening · s_T 7.5 s_I 1.5 · seed 1235"]
     assert krita_run["layer_visible"] == [True, False]
     x, y, w, h = SEL
     for bx, by, bw, bh in krita_run["layer_bounds"]:
@@ -121,12 +142,30 @@ def test_result_group_and_layers(krita_run):
         assert bx >= 0 and by >= 0 and bx + bw <= W and by + bh <= H
 
 
-def test_pixels_only_inside_selection_and_source_untouched(krita_run):
+def test_pixels_only_inside_the_region_and_source_untouched(krita_run):
     assert krita_run["inside_alpha"] == [255]
-    assert krita_run["opaque_pixels_outside_selection"] == 0
+    # The result covers the selection's region; outside the selection the engine gave the
+    # source's own bytes back (it blends the mask), and nothing lies outside the region.
+    assert krita_run["opaque_pixels_outside_region"] == 0
+    assert krita_run["region_pixels_outside_selection"] > 0
+    assert krita_run["changed_pixels_outside_selection"] == 0
     assert krita_run["source_unchanged"] is True
+    assert krita_run["projection_shows_result"] is True
     assert krita_run["provenance_seeds"] == [1234, 1235]
     assert "make it evening" in krita_run["docker_provenance"] and "seed 1234" in krita_run["docker_provenance"]
+
+
+@pytest.mark.parametrize("selection", ["none", "hard" if SELECTION != "0" else "soft"])
+def test_an_echo_engine_gives_back_identical_pixels(krita_run, selection):
+    runs = krita_run.get("echo", {}).get(selection)
+    assert runs, (krita_run.get("timeout"), krita_run["_log_tail"])
+    for run in runs:
+        assert run["state"] == "done", run["error"]
+        assert run["identical"] is True, run
+        assert run["nonempty_outside_region"] == 0
+        assert run["source_unchanged"] is True
+    if selection == "none":
+        assert runs[0]["region"] == [0, 0, *BIG]
 
 
 def test_one_undo_removes_the_edit(krita_run):

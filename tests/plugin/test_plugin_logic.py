@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from instruct_edit import image as px
+from instruct_edit import provenance
 from instruct_edit import request as plugin_request
 from instruct_edit.client.engine_process import engine_command
 from instruct_edit.client.errors import error_from_response
@@ -21,7 +22,7 @@ from instruct_edit.client.http import EngineClient, multipart_body
 from instruct_edit.model import naming
 from instruct_edit.model import settings as settings_module
 from instruct_edit.model.state import EditState
-from instruct_edit.qt import BINDING, QApplication, QImage
+from instruct_edit.qt import BINDING, QApplication, QImage, QtCore, QTimer
 from instruct_edit.request import EditRequest, RequestError, explore_grid
 from instruct_edit.training_pair import save_pair
 
@@ -32,12 +33,14 @@ def app():
 
 
 def wait_for(condition, timeout: float = 10.0) -> None:
+    """Run Qt's event loop (not processEvents + sleep: uploads stream a chunk per turn)."""
     deadline = time.monotonic() + timeout
+    loop = QtCore.QEventLoop()
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
-        QApplication.processEvents()
-        time.sleep(0.005)
+        QTimer.singleShot(5, loop.quit)
+        loop.exec()
 
 
 def test_binding_follows_the_environment():
@@ -46,38 +49,43 @@ def test_binding_follows_the_environment():
         assert BINDING.lower() == wanted
 
 
-# --- the request mirrors the engine's EditParams ------------------------------------------
+# --- the request: the engine's flat EditParams -----------------------------------------------
 
 
 def test_request_mirrors_engine_edit_params():
+    """The wire fields are the engine's; the family parameters travel flat beside them."""
     from engine import request as engine_request
 
-    engine_fields = {f.name: f.default for f in fields(engine_request.EditParams)}
-    plugin_fields = {f.name: f.default for f in fields(EditRequest)}
-    assert engine_fields.keys() == plugin_fields.keys()
-    for name in ("text_guidance", "image_guidance", "steps", "seed", "variants", "resolution",
-                 "model", "scheduler", "preserve_detail"):
-        assert plugin_fields[name] == engine_fields[name], name
-    for limit in ("MAX_INSTRUCTION_CHARS", "MAX_STEPS", "MAX_VARIANTS", "MIN_RESOLUTION",
-                  "MAX_RESOLUTION", "GUIDANCE_RANGE", "MAX_SEED", "MAX_LORAS",
-                  "LORA_STRENGTH_RANGE", "SCHEDULERS"):
-        assert getattr(plugin_request, limit) == getattr(engine_request, limit), limit
-    request = EditRequest("make it evening", seed=7, variants=2,
-                          loras=(plugin_request.Lora("style.safetensors", 0.8),))
-    # The engine accepts exactly what the plugin sends.
-    parsed = engine_request.EditParams.from_dict(json.loads(request.to_json()))
+    engine_fields = {f.name for f in fields(engine_request.EditParams)}
+    plugin_fields = {f.name for f in fields(EditRequest) if f.name not in ("info", "limits")}
+    assert plugin_fields == engine_fields
+    defaults = {f.name: f.default for f in fields(EditRequest)}
+    for f in fields(engine_request.EditParams):
+        if f.name not in ("instruction", "options", "loras"):
+            assert defaults[f.name] == f.default, f.name
+    request = EditRequest("make it evening", seed=7, variants=2, steps=12,
+                          loras=(plugin_request.Lora("style.safetensors", 0.8),),
+                          options={"text_guidance": 6.0})
+    data = json.loads(request.to_json())
+    assert data == {"instruction": "make it evening", "seed": 7, "variants": 2, "steps": 12,
+                    "loras": [{"path": "style.safetensors", "strength": 0.8}],
+                    "preserve_detail": True, "text_guidance": 6.0}
+    # The engine reads what the plugin sends: shared fields, and the rest as options.
+    parsed = engine_request.EditParams.from_dict(data)
     assert parsed.instruction == "make it evening" and parsed.seed == 7 and parsed.loras[0].strength == 0.8
+    assert parsed.steps == 12 and parsed.resolution is None and dict(parsed.options) == {"text_guidance": 6.0}
     assert EditRequest.from_dict(request.to_dict()) == request
 
 
 @pytest.mark.parametrize(("changes", "field"), [
     ({"instruction": "  "}, "instruction"),
     ({"instruction": "x" * 1001}, "instruction"),
-    ({"text_guidance": 31.0}, "text_guidance"),
-    ({"image_guidance": float("nan")}, "image_guidance"),
+    ({"seed": -1}, "seed"),
     ({"steps": 0}, "steps"),
     ({"variants": 17}, "variants"),
-    ({"resolution": 32}, "resolution"),
+    ({"resolution": 0}, "resolution"),
+    ({"loras": (plugin_request.Lora("", 1.0),)}, "loras"),
+    ({"options": {"seed": 3}}, "seed"),
 ])
 def test_request_validation_names_the_field(changes, field):
     with pytest.raises(RequestError) as caught:
@@ -86,13 +94,19 @@ def test_request_validation_names_the_field(changes, field):
 
 
 def test_explore_grid_is_three_by_three_with_one_seed():
-    grid = explore_grid(EditRequest("x", text_guidance=7.5, image_guidance=1.5, seed=11, variants=4))
+    state = EditState()
+    state.learn_models({"models": [{"id": "old-engine-model", "name": "Old", "default": True}]})
+    state.instruction, state.random_seed, state.seed, state.variants = "x", False, 11, 4
+    grid = explore_grid(state.request())
     assert len(grid) == 9
-    assert {r.image_guidance for r in grid} == {1.0, 1.5, 2.0}
-    assert {r.text_guidance for r in grid} == {5.0, 7.5, 10.0}
+    assert {r.options["image_guidance"] for r in grid} == {1.0, 1.5, 2.0}
+    assert {r.options["text_guidance"] for r in grid} == {5.0, 7.5, 10.0}
     assert {r.seed for r in grid} == {11} and {r.variants for r in grid} == {1}
-    low = explore_grid(EditRequest("x", text_guidance=0.0, image_guidance=0.0))
-    assert all(r.text_guidance >= 0 and r.image_guidance >= 0 for r in low)
+    state.options = {**state.options, "text_guidance": 0.0, "image_guidance": 0.0}
+    low = explore_grid(state.request())
+    assert all(r.options["text_guidance"] >= 0 and r.options["image_guidance"] >= 0 for r in low)
+    with pytest.raises(RequestError, match="connect"):
+        explore_grid(EditRequest("x"))  # no model known: nothing to sweep
 
 
 # --- pixels ---------------------------------------------------------------------------------
@@ -127,19 +141,6 @@ def test_png_round_trip_keeps_pixels_and_odd_widths():
         px.image_from_bgra(b"\0" * 15, 2, 2)
 
 
-def test_restrict_alpha_keeps_result_inside_the_selection():
-    w, h = 4, 2
-    picture = px.image_from_bgra(bytes((10, 20, 30, 255)) * (w * h), w, h)
-    mask = bytes([255, 255, 0, 0, 255, 128, 0, 0])
-    out = px.bgra_from_image(px.restrict_alpha(picture, mask, w, h))
-    alphas = out[3::4]
-    assert alphas[0] == 255 and alphas[2] == 0 and alphas[3] == 0 and 126 <= alphas[5] <= 130
-    assert out[0:3] == bytes((10, 20, 30))  # fully selected pixels unchanged
-    assert px.multiply_masks(mask, None, w, h) == mask
-    product = px.multiply_masks(mask, bytes([128] * 8), w, h)
-    assert product[0] in (127, 128) and product[2] == 0
-
-
 # --- selection geometry ------------------------------------------------------------------------
 
 
@@ -164,31 +165,34 @@ def test_context_bounds_on_small_canvas_and_outside():
         px.context_bounds(px.Bounds(50, 50, 5, 5), px.Bounds(0, 0, 20, 20))
 
 
-def test_working_size_only_scales_down():
-    assert px.working_size(4096, 2048, 512) == (512, 256)
-    assert px.working_size(300, 200, 512) == (300, 200)
-    assert px.working_size(1, 5000, 512) == (1, 512)
-
-
 # --- names and provenance -----------------------------------------------------------------------
 
 
 def test_layer_and_group_names():
-    request = EditRequest("make   it\nevening", seed=40, text_guidance=7.5, image_guidance=1.25)
+    state = EditState()
+    state.learn_models({"models": [{"id": "old-engine-model", "name": "Old", "default": True}]})
+    state.instruction, state.random_seed, state.seed = "make   it\nevening", False, 40
+    state.set_option("image_guidance", 1.25)
+    request = state.request()
     assert naming.group_name(request.instruction) == "make it evening"
     assert naming.group_name("a" * 100).endswith("…") and len(naming.group_name("a" * 100)) == 60
-    assert naming.layer_name(request, 2) == "seed 42 · text 7.5 · image 1.25"
+    assert naming.layer_name(request, 2) == "make it evening · s_T 7.5 s_I 1.25 · seed 42"
+    assert naming.layer_name(EditRequest("x", seed=1), 0) == "x · seed 1"  # no model parameters
 
 
 def test_provenance_records_round_trip():
-    request = EditRequest("turn the dragon red", seed=5, steps=12)
-    record = naming.provenance(request, 1, "Dragon", "layer", (1, 2, 3, 4), "InstructPix2Pix", "{id}")
+    request = EditRequest("turn the dragon red", seed=5, steps=12, options={"guidance": 2.5})
+    record = provenance.provenance(request, 1, "Dragon", "layer", (1, 2, 3, 4), "Kontext", "{id}")
     assert record["seed"] == 6 and record["steps"] == 12 and record["source_layer"] == "Dragon"
-    data = naming.encode_records({"{a}": record})
-    assert naming.decode_records(data) == {"{a}": record}
-    assert naming.decode_records(b"garbage") == {} and naming.decode_records(None) == {}
-    text = naming.describe(record)
+    assert record["options"] == {"guidance": 2.5}
+    data = provenance.encode_records({"{a}": record})
+    assert provenance.decode_records(data) == {"{a}": record}
+    assert provenance.decode_records(b"garbage") == {} and provenance.decode_records(None) == {}
+    assert provenance.decode_records(b'{"layers": [1]}') == {}
+    text = provenance.describe(record)
     assert "turn the dragon red" in text and "seed 6" in text and "Dragon" in text
+    assert "guidance 2.5" in text
+    assert naming.provenance is provenance.provenance  # the controller's name for it
 
 
 # --- state and settings -----------------------------------------------------------------------
@@ -197,11 +201,11 @@ def test_provenance_records_round_trip():
 def test_state_signals_history_and_seed():
     state = EditState()
     seen = []
-    state.on_change("text_guidance", seen.append, now=False)
-    state.text_guidance = 9.0
-    state.text_guidance = 9.0  # same value: no signal
-    state.image_guidance = 2.0  # other field: not this callback
-    assert seen == [9.0]
+    state.on_change("variants", seen.append, now=False)
+    state.variants = 3
+    state.variants = 3  # same value: no signal
+    state.seed = 2  # other field: not this callback
+    assert seen == [3]
     for i in range(25):
         state.remember_instruction(f"instruction {i}")
     state.remember_instruction("instruction 3")
@@ -218,8 +222,11 @@ def test_state_signals_history_and_seed():
 
 def test_settings_round_trip(tmp_path: Path):
     path = tmp_path / "settings.json"
+    models = {"models": [{"id": "old-engine-model", "name": "Old", "default": True}]}
     state = EditState()
-    state.steps, state.history = 33, ["a", "b"]
+    state.learn_models(models)
+    state.steps, state.history, state.variants = 33, ["a", "b"], 3
+    state.set_option("text_guidance", 9.0)
     saved = settings_module.Settings(engine_mode="remote", remote_url="http://box:8765",
                                      remote_token="t", state=state.snapshot())
     settings_module.save(saved, path)
@@ -227,7 +234,9 @@ def test_settings_round_trip(tmp_path: Path):
     assert loaded == saved
     fresh = EditState()
     fresh.restore(loaded.state)
-    assert fresh.steps == 33 and fresh.history == ["a", "b"]
+    assert fresh.history == ["a", "b"] and fresh.variants == 3
+    fresh.learn_models(models)  # per-model values come back once the engine names its models
+    assert fresh.steps == 33 and fresh.options["text_guidance"] == 9.0
     assert settings_module.load(tmp_path / "missing.json") == settings_module.Settings()
     assert settings_module.Settings(engine_mode="managed").problems()  # no python path
     assert settings_module.Settings(engine_mode="remote", remote_url="box").problems()

@@ -47,7 +47,7 @@ def panel(qtbot, engine, document, tmp_path: Path):
     widget.show()
     controller.connect_engine()
     qtbot.waitUntil(lambda: state.connection == CONNECTED, timeout=30_000)
-    qtbot.waitUntil(lambda: widget.model.count() > 1, timeout=10_000)
+    qtbot.waitUntil(lambda: state.model_info is not None, timeout=10_000)
     state.resolution = 64  # the tiny model: keep the engine's work small
     assert widget.resolution.currentData() == 64
     state.random_seed = False
@@ -62,8 +62,13 @@ def test_ctrl_enter_runs_an_edit_into_layers(qtbot, panel, document):
     assert panel.edit_button.isEnabled() and not panel.cancel_button.isEnabled()
     assert "Connected" in panel.connection_label.text()
     panel.variants.setValue(2)
-    panel.text_spin.setValue(6.0)
-    assert panel.text_slider.value() == 60 and state.text_guidance == 6.0
+    # The engine publishes its model's parameters (an InstructPix2Pix one): the form shows them.
+    assert not state.model_info.legacy and state.model_info.family == "sd-ip2p"
+    assert panel.params.labels()[:2] == ["Text guidance", "Image guidance"]
+    slider = panel.params.sliders["text_guidance"]
+    before = slider.value()
+    panel.params.editor("text_guidance").setValue(6.0)
+    assert slider.value() < before and state.options["text_guidance"] == 6.0
     qtbot.keyClicks(panel.instruction.lineEdit(), "make it evening")
     progress_seen, previews = [], []
     state.on_change("step", progress_seen.append, now=False)
@@ -79,7 +84,7 @@ def test_ctrl_enter_runs_an_edit_into_layers(qtbot, panel, document):
     group = document.rootNode().childNodes()[-1]
     assert group.name() == "make it evening"
     names = [n.name() for n in reversed(group.childNodes())]
-    assert names == ["seed 7 · text 6 · image 1.5", "seed 8 · text 6 · image 1.5"]
+    assert names == ["make it evening · s_T 6 s_I 1.5 · seed 7", "make it evening · s_T 6 s_I 1.5 · seed 8"]
     data = bytes(group.childNodes()[-1].pixelData(0, 0, W, H))
     assert data[3::4] == b"\xff" * (W * H)  # whole layer edited, opaque
     assert panel.instruction.itemText(0) == "make it evening"  # history
@@ -87,7 +92,8 @@ def test_ctrl_enter_runs_an_edit_into_layers(qtbot, panel, document):
     document.setActiveNode(group.childNodes()[-1])
     panel.controller.refresh_selected_provenance()
     assert panel.provenance_box.isVisibleTo(panel)
-    assert "seed 7" in panel.provenance_label.text() and "Sketch" in panel.provenance_label.text()
+    text = panel.provenance_label.text()
+    assert "seed 7" in text and "Sketch" in text and "s_T 6" in text
 
 
 def test_engine_errors_show_inline(qtbot, panel, document):

@@ -68,17 +68,29 @@ class FakeEditor:
         ]
 
 
+class EchoEditor(FakeEditor):
+    """Answers with its input, unchanged (what the real Editor does for an empty instruction),
+    and remembers the image and mask it was given."""
+
+    def edit(self, image, params, mask=None, **kwargs):
+        self.calls.append(params)
+        self.inputs = (image.copy(), mask.copy() if mask is not None else None)
+        return [image.copy() for _ in range(params.variants)]
+
+
 class FakeFactory:
     """Editor factory that records what it loaded; `make` can be replaced per test."""
 
-    def __init__(self, step_s: float = 0.0, gate: threading.Event | None = None) -> None:
-        self.step_s, self.gate = step_s, gate
+    def __init__(
+        self, step_s: float = 0.0, gate: threading.Event | None = None, editor: type = FakeEditor
+    ) -> None:
+        self.step_s, self.gate, self.editor = step_s, gate, editor
         self.loaded: list[tuple[str, str]] = []
         self.editors: dict[str, FakeEditor] = {}
 
     def __call__(self, model: str, device: str) -> FakeEditor:
         self.loaded.append((model, device))
-        editor = FakeEditor(model, device, self.step_s, self.gate)
+        editor = self.editor(model, device, self.step_s, self.gate)
         self.editors[model] = editor
         return editor
 
@@ -93,17 +105,23 @@ def make_settings(**overrides: Any) -> ServerSettings:
     return ServerSettings(**values)
 
 
+def raw_type(fmt: str, width: int, height: int) -> str:
+    return f"image/x-raw; format={fmt}; width={width}; height={height}"
+
+
 def submit(
     client: TestClient,
     params: dict[str, Any] | None = None,
     image: bytes | None = None,
+    image_type: str = "image/png",
+    mask_type: str = "image/png",
     **extra: Any,
 ):
     files: dict[str, Any] = {
-        "image": ("image.png", image if image is not None else png_bytes(), "image/png")
+        "image": ("image.png", image if image is not None else png_bytes(), image_type)
     }
     if "mask" in extra:
-        files["mask"] = ("mask.png", extra.pop("mask"), "image/png")
+        files["mask"] = ("mask.png", extra.pop("mask"), mask_type)
     data = {"params": json.dumps(params or {"instruction": "make it blue", "steps": 2})}
     data.update({k: str(v) for k, v in extra.items()})
     return client.post("/v1/edits", headers=AUTH, files=files, data=data)

@@ -356,11 +356,7 @@ def test_results_expire_after_the_ttl_with_410(client_factory):
 
 
 def test_result_memory_cap_evicts_oldest_with_410(client_factory):
-    from PIL import Image
-
-    from engine.server.images import encode_png
-
-    one_result = len(encode_png(Image.new("RGB", (64, 48), (0, 0, 0))))  # what the fake returns
+    one_result = 64 * 48 * 4  # what the fake returns: RGB pixels, kept with 4 bytes each
     client = client_factory(result_memory_mb=1.5 * one_result / 2**20)  # room for one result
     service = client.app.state.service
     first = submit(client).json()["id"]
@@ -537,10 +533,17 @@ def test_openapi_describes_every_route_and_the_token(client_factory):
     assert "security" not in schema["paths"]["/v1/health"]["get"]
     post = schema["paths"]["/v1/edits"]["post"]
     assert {"202", "401", "403", "413", "422", "429"} <= set(post["responses"])
-    assert "EditParams" in schema["components"]["schemas"]
-    assert (
-        "image/png"
-        in schema["paths"]["/v1/edits/{job_id}/results/{k}"]["get"]["responses"]["200"]["content"]
+    edit_params = schema["components"]["schemas"]["EditParams"]
+    assert "description" in edit_params["additionalProperties"]  # the family's parameters
+    assert edit_params["properties"]["steps"]["anyOf"][1] == {"type": "null"}
+    body = post["requestBody"]["content"]["multipart/form-data"]
+    assert body["schema"]["required"] == ["image", "params"]
+    assert "image/x-raw" in body["encoding"]["image"]["contentType"]
+    result = schema["paths"]["/v1/edits/{job_id}/results/{k}"]["get"]
+    assert {"image/png", "image/x-raw"} <= set(result["responses"]["200"]["content"])
+    assert any(p["name"] == "format" for p in result["parameters"])
+    assert {"Health", "ModelsResponse", "ParamSpecSchema", "Limits"} <= set(
+        schema["components"]["schemas"]
     )
     assert (
         "text/event-stream"

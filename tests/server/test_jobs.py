@@ -8,7 +8,14 @@ from PIL import Image
 from engine.request import EditParams
 from engine.server.catalog import ModelEntry
 from engine.server.errors import ApiError
-from engine.server.jobs import FETCHED_GRACE_S, Job, JobQueue, JobState, QueueFull
+from engine.server.jobs import (
+    FETCHED_GRACE_S,
+    Job,
+    JobQueue,
+    JobState,
+    QueueFull,
+    StoredResult,
+)
 
 MODEL = ModelEntry(id="m", source="catalogue", target="m", name="m")
 
@@ -31,7 +38,12 @@ def make_job(queue: JobQueue) -> Job:
     )
 
 
-def run_to_done(queue: JobQueue, results: list[bytes]) -> Job:
+def stored(nbytes: int) -> StoredResult:
+    """A result whose pixels take `nbytes` (a grey nbytes×1 image: one byte per pixel)."""
+    return StoredResult(Image.new("L", (nbytes, 1)))
+
+
+def run_to_done(queue: JobQueue, results: list[StoredResult]) -> Job:
     job = make_job(queue)
     queue.submit(job)
     assert queue.next_job(timeout=0) is job
@@ -56,13 +68,15 @@ def test_fifo_and_capacity():
 def test_results_live_until_ttl_then_410_with_the_reason():
     clock = Clock()
     queue = JobQueue(capacity=4, result_ttl_s=60, result_memory_bytes=10_000, clock=clock)
-    job = run_to_done(queue, [b"png0", b"png1"])
+    results = [stored(4), stored(4)]
+    job = run_to_done(queue, results)
     assert job.image is None, "inputs are dropped once the job ends"
+    assert queue.stored_result_bytes == 8
     clock.now += 59
-    assert queue.result_png(job.id, 1) == b"png1"
+    assert queue.result(job.id, 1) is results[1]
     clock.now += 2
     with pytest.raises(ApiError) as gone:
-        queue.result_png(job.id, 0)
+        queue.result(job.id, 0)
     assert gone.value.status == 410 and "--result-ttl" in gone.value.message
     assert queue.stored_result_bytes == 0
 
@@ -70,32 +84,51 @@ def test_results_live_until_ttl_then_410_with_the_reason():
 def test_downloaded_results_are_released_after_a_grace_period():
     clock = Clock()
     queue = JobQueue(capacity=4, result_ttl_s=600, result_memory_bytes=10_000, clock=clock)
-    job = run_to_done(queue, [b"a", b"b"])
-    queue.result_png(job.id, 0)
+    results = [stored(1), stored(1)]
+    job = run_to_done(queue, results)
+    queue.result(job.id, 0)
     clock.now += FETCHED_GRACE_S + 1
     queue.sweep()
     assert job.results is not None, "one result is still unfetched"
-    queue.result_png(job.id, 1)
+    queue.result(job.id, 1)
     clock.now += FETCHED_GRACE_S - 1
-    assert queue.result_png(job.id, 1) == b"b"  # a retried download still works
+    assert queue.result(job.id, 1) is results[1]  # a retried download still works
     clock.now += 2
     with pytest.raises(ApiError, match="downloaded"):
-        queue.result_png(job.id, 1)
+        queue.result(job.id, 1)
 
 
 def test_memory_cap_evicts_fetched_then_oldest_and_refuses_oversized():
     queue = JobQueue(capacity=8, result_ttl_s=600, result_memory_bytes=10, clock=Clock())
-    old = run_to_done(queue, [b"1234"])
-    fetched = run_to_done(queue, [b"1234"])
-    queue.result_png(fetched.id, 0)
-    newest = run_to_done(queue, [b"123456"])  # 14 bytes stored: one must go, the fetched one first
+    old = run_to_done(queue, [stored(4)])
+    fetched = run_to_done(queue, [stored(4)])
+    queue.result(fetched.id, 0)
+    newest = run_to_done(queue, [stored(6)])  # 14 bytes stored: one must go, the fetched one first
     assert fetched.results is None and old.results is not None and newest.results is not None
     assert queue.stored_result_bytes == 10
-    run_to_done(queue, [b"12345"])
+    run_to_done(queue, [stored(5)])
     assert old.results is None and "--result-memory-mb" in old.released_reason
-    huge = run_to_done(queue, [b"x" * 11])
+    huge = run_to_done(queue, [stored(11)])
     assert huge.results is None and "larger than" in huge.released_reason
     assert queue.stored_result_bytes <= 10
+
+
+def test_results_are_counted_as_pixels_and_a_cached_png_only_when_it_fits():
+    queue = JobQueue(capacity=4, result_ttl_s=600, result_memory_bytes=100, clock=Clock())
+    rgb = StoredResult(Image.new("RGB", (4, 3)))
+    assert rgb.nbytes == 4 * 3 * 4  # Pillow keeps RGB with 4 bytes per pixel
+    job = run_to_done(queue, [rgb, stored(10)])
+    assert queue.stored_result_bytes == 58
+    queue.cache_png(job.id, rgb, b"p" * 40)
+    assert rgb.png == b"p" * 40 and queue.stored_result_bytes == 98
+    other = stored(10)
+    queue.cache_png(job.id, other, b"q")  # not one of this job's results: ignored
+    assert other.png is None
+    second = job.results[1]
+    queue.cache_png(job.id, second, b"q" * 3)  # would exceed the limit: not kept
+    assert second.png is None and queue.stored_result_bytes == 98
+    queue.cancel(job.id)  # a finished job: its results (cached PNG included) are released
+    assert queue.stored_result_bytes == 0
 
 
 def test_cancel_removes_a_queued_job_and_flags_a_running_one():

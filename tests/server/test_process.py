@@ -14,8 +14,11 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from service_helpers import png_bytes
+
+from engine.server.instance import ENGINE_PACKAGE_DIR, install_id
 
 LISTENING = re.compile(r"^listening on (https?://\S+)$")
 
@@ -103,6 +106,32 @@ def test_serve_process_edits_with_the_tiny_model_and_exits_with_its_parent(
             result = client.get(f"/v1/edits/{job_id}/results/0", headers=headers)
             assert result.status_code == 200 and result.headers["content-type"] == "image/png"
             assert result.content.startswith(b"\x89PNG")
+            # Raw pixels both ways, with the real Editor: no instruction, the same bytes back.
+            health = client.get("/v1/health").json()
+            assert health["instance"]["install_id"] == install_id(
+                sys.executable, ENGINE_PACKAGE_DIR
+            )
+            assert health["instance"]["token_file"] == str(token_file.resolve())
+            assert health["instance"]["pid"] == server.pid
+            assert health["memory"][0]["device"] == "cpu" and health["memory"][0]["plan"] == "full"
+            rng = np.random.default_rng(0)
+            layer = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)  # partial alpha
+            raw_type = "image/x-raw; format=bgra8; width=53; height=37"
+            accepted = client.post(
+                "/v1/edits",
+                headers=headers,
+                files={"image": ("layer", layer.tobytes(), raw_type)},
+                data={"params": json.dumps({"instruction": ""})},
+            )
+            assert accepted.status_code == 202, accepted.text
+            raw_id = accepted.json()["id"]
+            deadline = time.monotonic() + 30
+            while client.get(f"/v1/edits/{raw_id}", headers=headers).json()["state"] != "done":
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            raw = client.get(f"/v1/edits/{raw_id}/results/0?format=bgra8", headers=headers)
+            assert raw.headers["content-type"] == raw_type
+            assert raw.content == layer.tobytes()
         # The Krita plugin passes its own pid: when it goes, the engine goes too.
         parent.kill()
         parent.wait()
@@ -147,6 +176,7 @@ def test_start_up_errors_are_one_line_without_traceback(tmp_path):
         (["--devices", "cpu,tpu"], "device must be one of"),
         (["--device", "cpu", "--dtype", "fp16"], "fp16"),
         (["--port", "70000"], "not a port"),
+        (["--quantization", "bnb-4bit"], "bitsandbytes|CUDA"),  # no CUDA here (nor the package)
     ],
 )
 def test_bad_start_up_arguments_are_refused(tmp_path, monkeypatch, args, expected):

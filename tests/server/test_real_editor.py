@@ -56,3 +56,28 @@ def test_real_edit_can_be_cancelled_mid_run(real_client):
     real_client.delete(f"/v1/edits/{job_id}", headers=AUTH)
     status = wait_finished(real_client, job_id, timeout=30)
     assert status["state"] == "cancelled" and status["progress"]["step"] < 200
+
+
+def test_raw_layer_and_soft_mask_outside_pixels_come_back_exactly(real_client):
+    rng = np.random.default_rng(1)
+    layer = rng.integers(0, 256, (45, 67, 4), dtype=np.uint8)  # BGRA with partial alpha
+    mask = np.zeros((45, 67), np.uint8)
+    mask[8:30, 10:50] = 255
+    mask[30:36, 10:50] = np.linspace(1, 254, 40, dtype=np.uint8)  # a feathered edge
+    raw = "image/x-raw; format={}; width=67; height=45"
+    accepted = real_client.post(
+        "/v1/edits",
+        headers=AUTH,
+        files={
+            "image": ("layer", layer.tobytes(), raw.format("bgra8")),
+            "mask": ("selection", mask.tobytes(), raw.format("gray8")),
+        },
+        data={"params": '{"instruction": "make it red", "steps": 2, "resolution": 64}'},
+    )
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["id"]
+    assert wait_finished(real_client, job_id, timeout=60)["state"] == "done"
+    answer = real_client.get(f"/v1/edits/{job_id}/results/0?format=bgra8", headers=AUTH)
+    result = np.frombuffer(answer.content, np.uint8).reshape(45, 67, 4)
+    assert np.array_equal(result[mask == 0], layer[mask == 0])
+    assert (result[mask == 255] != layer[mask == 255]).any(), "the masked area was edited"

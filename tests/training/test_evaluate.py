@@ -29,7 +29,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
-    from engine.testing import build_tiny_tokenizer
+    from tests.tiny_models.sd import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from engine.testing import build_tiny_components
+from tests.tiny_models.sd import build_tiny_components
 from training.model_init import expand_conv_in
 
 

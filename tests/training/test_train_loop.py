@@ -218,7 +218,7 @@ def test_resume_refuses_settings_that_change_the_data_order(
 def test_full_training_from_a_text_to_image_base(tmp_path: Path, pairs_dir: Path) -> None:
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
-    from engine.testing import build_tiny_components
+    from tests.tiny_models.sd import build_tiny_components
 
     parts = build_tiny_components(in_channels=4)
     t2i = StableDiffusionPipeline(**parts, requires_safety_checker=False)

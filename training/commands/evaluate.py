@@ -173,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
             edited = []
             for index, (row, source) in enumerate(zip(rows, sources, strict=True)):
                 params = EditParams(
-                    row.instruction, text_guidance=args.text_guidance, image_guidance=s_i,
-                    steps=args.steps, seed=args.seed + index, resolution=args.resolution, loras=loras,
+                    row.instruction, steps=args.steps, seed=args.seed + index,
+                    resolution=args.resolution, loras=loras,
+                    options={"text_guidance": args.text_guidance, "image_guidance": s_i},
                 )  # fmt: skip
                 result = editor.edit(source, params)[0]
                 edited.append(result)
