@@ -29,7 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.devices import resolve_device, resolve_dtype
-from engine.testing import build_full_size_components, build_tiny_tokenizer, full_size_text_config
+from tests.tiny_models.sd import (
+    build_full_size_components,
+    build_tiny_tokenizer,
+    full_size_text_config,
+)
 from training.datagen.clip_filter import ClipScores, ClipSimilarity, ClipThresholds
 from training.datagen.image_dataset import GenerationSettings, Triplet, generate_pair_folder
 from training.datagen.prompt_to_prompt import PairGenerator, SampleParams

@@ -34,7 +34,7 @@ def child(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from engine.testing import build_full_size_pipeline, build_tiny_components
+    from tests.tiny_models.sd import build_full_size_pipeline, build_tiny_components
     from training.model_init import add_lora
     from training.train_loop import diffusion_loss, step_generator
 
