@@ -38,6 +38,7 @@ from engine.devices import (
 from engine.errors import EditCancelled, InvalidInput, OutOfMemory
 from engine.families import (
     Family,
+    apply_preset,
     catalogue_entry,
     detect_family,
     family_of_pipeline,
@@ -152,6 +153,7 @@ class Editor:
         """
         prepared = imaging.prepare_image(image)
         weights = imaging.prepare_mask(mask, prepared.size) if mask is not None else None
+        params = apply_preset(params, self.entry)
         resolved = self.resolve(params)
         if params.is_empty:
             return [prepared.original.copy() for _ in range(params.variants)]
@@ -175,6 +177,7 @@ class Editor:
         preview_every: int = 0,
     ) -> list[np.ndarray]:
         """The model part: H×W×3 floats in [0, 1] in, one such array per variant out."""
+        params = apply_preset(params, self.entry)
         resolved = self.resolve(params)
         with self._lock:
             return self._edit_working(working_input, params, resolved, on_progress, cancel, preview_every)

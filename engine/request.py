@@ -65,6 +65,7 @@ class EditParams:
     model: str | None = None
     loras: tuple[LoraSpec, ...] = field(default_factory=tuple)
     preserve_detail: bool = True
+    preset: str | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -82,6 +83,11 @@ class EditParams:
             _int_in("resolution", self.resolution, MIN_RESOLUTION, MAX_RESOLUTION)
         _check(self.model is None or isinstance(self.model, str), "model", "must be text or null")
         _check(isinstance(self.preserve_detail, bool), "preserve_detail", "must be true or false")
+        _check(
+            self.preset is None or (isinstance(self.preset, str) and 0 < len(self.preset) <= 64),
+            "preset",
+            "must be a preset id from GET /v1/models (the model's presets) or null",
+        )
         _check(isinstance(self.loras, tuple), "loras", "must be a tuple of LoraSpec")
         _check(len(self.loras) <= MAX_LORAS, "loras", f"at most {MAX_LORAS} LoRA adapters")
         for lora in self.loras:
@@ -121,6 +127,7 @@ class EditParams:
             "model": self.model,
             "loras": [{"path": lora.path, "strength": lora.strength} for lora in self.loras],
             "preserve_detail": self.preserve_detail,
+            "preset": self.preset,
         }
         data.update(self.options)
         return data

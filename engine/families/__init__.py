@@ -185,24 +185,21 @@ def default_catalogue_entry() -> dict[str, Any] | None:
     return None
 
 
-def apply_preset(params: Any, entry: dict[str, Any] | None, preset_id: str | None) -> Any:
+def apply_preset(params: Any, entry: dict[str, Any] | None, preset_id: str | None = None) -> Any:
     """`params` (EditParams) with a catalogue preset's LoRAs, steps and options filled in.
 
-    What the request sets itself wins (its steps, its options); the preset's LoRAs come first,
-    as `hf://repo/file` paths resolved from the hub cache when the edit runs.
+    The preset is `preset_id`, else `params.preset`. What the request sets itself wins (its
+    steps, its options); the preset's LoRAs come first, as `hf://repo/file` paths resolved from
+    the hub cache when the edit runs. The result has `preset` None: it is expanded once.
     """
     from dataclasses import replace
 
     from engine.request import LoraSpec
     from engine.sources import hub_lora_path
 
-    if not preset_id:
+    preset = find_preset(entry, preset_id or params.preset)
+    if preset is None:
         return params
-    presets = {p.get("id"): p for p in (entry or {}).get("presets") or []}
-    if preset_id not in presets:
-        available = ", ".join(str(k) for k in presets) or "none"
-        raise InvalidInput(f"preset {preset_id!r} is not offered for this model (presets: {available})", "preset")
-    preset = presets[preset_id]
     loras = tuple(LoraSpec(hub_lora_path(x["repo"], x["file"]), float(x.get("strength", 1.0)))
                   for x in preset.get("loras") or [])
     return replace(
@@ -210,7 +207,20 @@ def apply_preset(params: Any, entry: dict[str, Any] | None, preset_id: str | Non
         steps=params.steps if params.steps is not None else preset.get("steps"),
         options={**(preset.get("options") or {}), **params.options},
         loras=loras + tuple(params.loras),
+        preset=None,
     )
+
+
+def find_preset(entry: dict[str, Any] | None, preset_id: str | None) -> dict[str, Any] | None:
+    """The catalogue entry's preset of that id (None for no preset); InvalidInput naming
+    `preset` when the model offers no such preset."""
+    if not preset_id:
+        return None
+    presets = {p.get("id"): p for p in (entry or {}).get("presets") or []}
+    if preset_id not in presets:
+        available = ", ".join(str(k) for k in presets) or "none"
+        raise InvalidInput(f"preset {preset_id!r} is not offered for this model (presets: {available})", "preset")
+    return presets[preset_id]
 
 
 __all__ = [
@@ -229,6 +239,7 @@ __all__ = [
     "detect_family",
     "family_for_pipeline_class",
     "family_of_pipeline",
+    "find_preset",
     "get_family",
     "load_catalogue",
 ]

@@ -23,7 +23,6 @@ What the engine relies on in diffusers 0.42's pipeline (checked in its source):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,15 +30,13 @@ import torch
 from PIL import Image
 
 from engine.errors import InvalidInput
-from engine.families.base import Family, ParamSpec, ResolutionRule, RunInputs, StepHooks, StepsRule
-from engine.families.flux_kontext import (
-    _RGB_MAPS,
-    can_encode_now,
+from engine.families.base import ParamSpec, ResolutionRule, RunInputs, StepHooks, StepsRule
+from engine.families.dit import (
+    DiTFamily,
+    Encode,
     check_working_image,
-    fit_latent_rgb,
     generators,
     latent_rgb_image,
-    prepare_dit,
     step_callback,
 )
 
@@ -53,7 +50,7 @@ MAX_ASPECT = 8.0
 REFERENCE_AREA = 1024 * 1024  # the pipeline scales a larger reference image down to this
 
 
-class Flux2KleinFamily(Family):
+class Flux2KleinFamily(DiTFamily):
     id = "flux2-klein"
     label = "FLUX.2 klein"
     params = (
@@ -99,11 +96,6 @@ class Flux2KleinFamily(Family):
                                  components=self.quantizable)
         return self.prepare(pipe, dtype)
 
-    def prepare(self, pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
-        prepare_dit(pipe, dtype)
-        self._fit_preview(pipe)  # once per VAE, on the CPU before the editor moves it
-        return pipe
-
     def run(self, pipe: DiffusionPipeline, inputs: RunInputs, hooks: StepHooks,
             device: torch.device) -> list[np.ndarray]:
         height, width = check_working_image(inputs.image, self.resolution.multiple)
@@ -133,26 +125,14 @@ class Flux2KleinFamily(Family):
         return [np.asarray(result[k], dtype=np.float32) for k in range(len(seeds))]
 
     # ------------------------------------------------------------------ preview
-    @staticmethod
-    def _encode(pipe: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-        def encode(image: torch.Tensor) -> torch.Tensor:
-            # normalised 2×2-patchified latents (as the transformer sees them), back to 1/8 scale
-            return pipe._unpatchify_latents(pipe._encode_vae_image(image, generator=None))
-
-        return encode
-
-    def _fit_preview(self, pipe: Any) -> torch.Tensor | None:
-        vae = getattr(pipe, "vae", None)
-        if vae is None:
-            return None
-        if vae not in _RGB_MAPS and not can_encode_now(vae):
-            return None
-        return fit_latent_rgb(vae, self._encode(pipe))
+    def preview_encoder(self, pipe: Any) -> Encode:
+        # normalised 2×2-patchified latents (as the transformer sees them), back to 1/8 scale
+        return lambda image: pipe._unpatchify_latents(pipe._encode_vae_image(image, generator=None))
 
     def preview(self, pipe: DiffusionPipeline, latents: torch.Tensor,
                 size: tuple[int, int]) -> Image.Image | None:
         """`size` = (width, height) of the working image; the preview is at latent scale (1/8)."""
-        rgb_map = self._fit_preview(pipe)
+        rgb_map = self.preview_map(pipe)
         if rgb_map is None or latents is None:
             return None
         width, height = size

@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 
 from engine.errors import InvalidInput
-from engine.families.base import Family, ParamSpec, ResolutionRule, RunInputs, StepHooks, StepsRule
+from engine.families.base import ParamSpec, ResolutionRule, RunInputs, StepHooks, StepsRule
+from engine.families.dit import DiTFamily, Encode, generators, latent_rgb_image, step_callback
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -43,23 +44,10 @@ VAE_AREA = 1024 * 1024  # the pipeline's VAE_IMAGE_SIZE in diffusers 0.42 (read 
 
 # The scheduler the Qwen-Image(-Edit) Lightning LoRAs were distilled with (their README): a fixed
 # shift of 3 (log 3 at every sequence length) and no terminal stretch. The model's own config has
-# base/max shift 0.5/0.9 and shift_terminal 0.02. A Lightning preset should run with
-# `FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **LIGHTNING_SCHEDULER)`
-# (not wired yet: RunInputs carries no preset; see the report of issue 10).
+# base/max shift 0.5/0.9 and shift_terminal 0.02. The `scheduler` parameter "lightning" (set by
+# the catalogue's Lightning presets) runs one call with
+# `FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, **LIGHTNING_SCHEDULER)`.
 LIGHTNING_SCHEDULER = {"base_shift": math.log(3), "max_shift": math.log(3), "shift_terminal": None}
-
-# Linear map from the 16 (normalised) Wan-2.1-style latent channels of Qwen-Image's VAE to RGB
-# (ComfyUI's Wan21 latent_rgb_factors, applied to the same normalised latents).
-_RGB_FACTORS = torch.tensor([
-    [-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.2548, 0.1747],
-    [0.0372, 0.2344, 0.1420], [0.0313, 0.0189, -0.0328], [0.0296, -0.0956, -0.0665],
-    [-0.3477, -0.4059, -0.2925], [0.0166, 0.1902, 0.1975], [-0.0412, 0.0267, -0.1364],
-    [-0.1293, 0.0740, 0.1636], [0.0680, 0.3019, 0.1128], [0.0032, 0.0581, 0.0639],
-    [-0.1251, 0.0927, 0.1699], [0.0060, -0.0633, 0.0005], [0.3477, 0.2275, 0.2950],
-    [0.1984, 0.0913, 0.1861],
-])
-_RGB_BIAS = torch.tensor([-0.1835, -0.0868, -0.3360])
-
 
 def calculate_dimensions(area: int, ratio: float) -> tuple[int, int]:
     """The pipeline's own rounding (diffusers' qwenimage `calculate_dimensions`): width, height."""
@@ -130,7 +118,7 @@ def processor_without_video() -> Iterator[None]:
         yield
 
 
-class QwenImageEditFamily(Family):
+class QwenImageEditFamily(DiTFamily):
     id = "qwen-image-edit"
     label = "Qwen-Image-Edit"
     params = (
@@ -144,6 +132,13 @@ class QwenImageEditFamily(Family):
             "negative_prompt", "text", " ", "Negative prompt",
             help="What the edit should avoid; used only when True CFG is above 1",
             max_length=1000,
+        ),
+        ParamSpec(
+            "scheduler", "choice", "default", "Scheduler",
+            help="\"lightning\": the fixed-shift schedule (shift 3, no terminal stretch) the "
+                 "Lightning LoRAs were distilled with; \"default\": the model's own "
+                 "resolution-dependent shift",
+            choices=("default", "lightning"),
         ),
     )
     resolution = ResolutionRule("area", 1024, MULTIPLE, minimum=64, maximum=2048)
@@ -180,8 +175,7 @@ class QwenImageEditFamily(Family):
             pipe = load_dit_pipeline(QwenImageEditPlusPipeline, QwenImageTransformer2DModel, source,
                                      dtype=dtype, quantization=quantization, config=config,
                                      components=self.quantizable)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return self.prepare(pipe, dtype)
 
     # ------------------------------------------------------------------ denoising
     def pipeline_kwargs(self, inputs: RunInputs) -> dict[str, Any]:
@@ -204,44 +198,57 @@ class QwenImageEditFamily(Family):
             "width": width,
             "num_inference_steps": inputs.steps,
             "num_images_per_prompt": len(inputs.seeds),
-            "generator": [torch.Generator("cpu").manual_seed(int(s)) for s in inputs.seeds],
+            "generator": generators(inputs.seeds),
             "output_type": "np",
         }
 
     def run(self, pipe: DiffusionPipeline, inputs: RunInputs, hooks: StepHooks,
             device: torch.device) -> list[np.ndarray]:
         kwargs = self.pipeline_kwargs(inputs)
-        total = inputs.steps
-
-        def on_step_end(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            hooks.step(i + 1, total, tensors.get("latents"))  # raises EditCancelled to cancel
-            return {}
-
-        images = pipe(**kwargs, callback_on_step_end=on_step_end,
-                      callback_on_step_end_tensor_inputs=["latents"]).images
+        with self.scheduler_for(pipe, self.resolve_options(inputs.options)["scheduler"]):
+            images = pipe(**kwargs, callback_on_step_end=step_callback(hooks, inputs.steps),
+                          callback_on_step_end_tensor_inputs=["latents"]).images
         return [np.asarray(images[k], dtype=np.float32) for k in range(len(inputs.seeds))]
+
+    @staticmethod
+    @contextlib.contextmanager
+    def scheduler_for(pipe: Any, name: str) -> Iterator[None]:
+        """The pipeline with the `scheduler` parameter's schedule for one call: "lightning" is a
+        fresh fixed-shift scheduler (the pipeline's own is put back afterwards, whatever
+        happens; the editor serialises edits, so no other call sees the swap)."""
+        if name != "lightning":
+            yield
+            return
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        own = pipe.scheduler
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(own.config,
+                                                                     **LIGHTNING_SCHEDULER)
+        try:
+            yield
+        finally:
+            pipe.scheduler = own
+
+    # ------------------------------------------------------------------ preview
+    def preview_encoder(self, pipe: Any) -> Encode:
+        """The pipeline's own encode of one frame (B×C×T×H×W, T = 1), normalised with the VAE
+        config's latents_mean/latents_std as the transformer sees it."""
+        return lambda image: pipe._encode_vae_image(image[:, :, None], generator=None)[:, :, 0]
 
     def preview(self, pipe: DiffusionPipeline, latents: torch.Tensor,
                 size: tuple[int, int]) -> Image.Image | None:
-        """The first sample's packed latents → RGB at latent resolution (linear map)."""
-        width, height = size
-        if latents is None or latents.ndim != 3:
+        """The first sample's packed latents → RGB at latent resolution, through the map fitted
+        from the model's own VAE. `size` = (width, height) of the working image."""
+        rgb_map = self.preview_map(pipe)
+        if rgb_map is None or latents is None or latents.ndim != 3:
             return None
+        width, height = size
         factor = int(getattr(pipe, "vae_scale_factor", 8))
         rows, cols = height // (factor * 2), width // (factor * 2)
-        sample = latents[0].detach().float().cpu()
-        channels = sample.shape[-1] // 4
-        if rows * cols != sample.shape[0] or channels < 3:
+        if rows * cols != latents.shape[1] or latents.shape[2] != (rgb_map.shape[0] - 1) * 4:
             return None
-        # Unpack the 2×2 patches: (rows·cols, C·2·2) → (2·rows, 2·cols, C).
-        grid = sample.view(rows, cols, channels, 2, 2).permute(0, 3, 1, 4, 2)
-        grid = grid.reshape(rows * 2, cols * 2, channels)
-        if channels == _RGB_FACTORS.shape[0]:
-            rgb = grid @ _RGB_FACTORS + _RGB_BIAS
-        else:  # not the real VAE (tiny test models): first three channels
-            rgb = grid[..., :3] * 0.5
-        pixels = ((rgb + 1.0) / 2.0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-        return Image.fromarray(pixels, "RGB")
-
+        first = latents[:1].detach()
+        unpacked = pipe._unpack_latents(first, height, width, factor)  # 1×C×1×h×w
+        return latent_rgb_image(unpacked[0, :, 0], rgb_map)
 
 QWEN_IMAGE_EDIT = QwenImageEditFamily()

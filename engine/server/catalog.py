@@ -229,6 +229,7 @@ class ModelCatalog:
         replaced by their absolute paths."""
         entry = self.resolve_model(params.model)
         params = families.check_options(params, entry.family)
+        families.check_preset(params, entry.id if entry.source == "catalogue" else None)
         if not params.loras:
             return params, entry
         if not self.loras_dirs:

@@ -107,6 +107,16 @@ def check_options(params: EditParams, family_id: str | None) -> EditParams:
     return replace(params, options={name: resolved[name] for name in options})
 
 
+def check_preset(params: EditParams, catalogue_id: str | None) -> None:
+    """A requested preset must be one the model's catalogue entry offers (422 naming `preset`);
+    the Editor expands it (its LoRAs come from the catalogue, never from the client)."""
+    if params.preset is None:
+        return
+    registry = _registry()
+    entry = registry.catalogue_entry(catalogue_id) if registry is not None and catalogue_id else None
+    registry.find_preset(entry, params.preset)
+
+
 def _check_range(name: str, value: int | None, rule: Any, label: str) -> None:
     """A shared field inside the family's own range (e.g. Qwen-Image-Edit needs 2+ steps)."""
     low, high = getattr(rule, "minimum", None), getattr(rule, "maximum", None)

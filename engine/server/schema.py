@@ -91,6 +91,12 @@ class EditParamsSchema(BaseModel):
     preserve_detail: bool = Field(
         True, description="Apply the edit as a change on the full-resolution input."
     )
+    preset: str | None = Field(
+        None,
+        max_length=64,
+        description="A preset id of the model (GET /v1/models `presets`, e.g. lightning-8): its "
+        "LoRAs, steps and parameters, under what the request sets itself.",
+    )
 
 
 class ParamSpecSchema(BaseModel):

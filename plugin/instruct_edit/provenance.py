@@ -38,6 +38,7 @@ def provenance(request: EditRequest, variant: int, source_layer: str, source_kin
         "option_names": {spec.name: spec.short for spec in (info.params if info else ())
                          if spec.name in request.options},
         "loras": [{"path": lora.path, "strength": lora.strength} for lora in request.loras],
+        "preset": request.preset,
         "source_layer": source_layer,
         "source": source_kind,
         "source_id": source_id,
@@ -66,6 +67,8 @@ def describe(record: dict[str, Any]) -> str:
         shown = [f"{label} {format_value(record[key])}" for key, label in _LEGACY_OPTIONS if key in record]
     if shown:
         lines.append(", ".join(shown))
+    if record.get("preset"):
+        lines.append(f"preset {record['preset']}")
     if record.get("loras"):
         lines.append("LoRA " + ", ".join(f"{lo.get('path', '?')} × {lo.get('strength', 1)}"
                                          for lo in record["loras"] if isinstance(lo, dict)))

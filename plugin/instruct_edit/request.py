@@ -41,6 +41,7 @@ class EditRequest:
     model: str | None = None
     loras: tuple[Lora, ...] = ()
     preserve_detail: bool = True
+    preset: str | None = None  # a preset id of the model: the engine adds its LoRAs
     options: Mapping[str, Any] = field(default_factory=dict)
     info: ModelInfo | None = field(default=None, compare=False, repr=False)
     limits: Limits = field(default_factory=Limits, compare=False, repr=False)
@@ -112,6 +113,7 @@ class EditRequest:
             "model": self.model,
             "loras": [{"path": lora.path, "strength": lora.strength} for lora in self.loras],
             "preserve_detail": self.preserve_detail,
+            "preset": self.preset,
         }
         data = {key: value for key, value in data.items() if value is not None}
         data.update(self.options)

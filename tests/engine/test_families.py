@@ -169,13 +169,34 @@ def test_editor_resolves_defaults_from_the_catalogue_then_the_family(tiny_model_
     assert resolved.options["text_guidance"] == 5.0 and resolved.options["image_guidance"] == 1.2
 
 
+def test_the_editor_expands_a_requested_preset_like_its_explicit_settings() -> None:
+    import numpy as np
+    from PIL import Image
+
+    from engine.editor import Editor
+    from tests.tiny_models.sd import build_tiny_pipeline
+
+    editor = Editor.from_pipeline(build_tiny_pipeline(), device="cpu", dtype="fp32")
+    editor.entry = {"id": "tiny", "family": "sd-ip2p",
+                    "presets": [{"id": "fast", "steps": 2, "options": {"image_guidance": 1.0}}]}
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), np.uint8))
+    by_preset = editor.edit(image, EditParams("x", resolution=64, preset="fast"))
+    explicit = editor.edit(image, EditParams("x", resolution=64, steps=2, options={"image_guidance": 1.0}))
+    default = editor.edit(image, EditParams("x", resolution=64, steps=3))
+    assert np.array_equal(np.asarray(by_preset[0]), np.asarray(explicit[0]))
+    assert not np.array_equal(np.asarray(by_preset[0]), np.asarray(default[0]))
+    with pytest.raises(InvalidInput) as err:
+        editor.edit(image, EditParams("x", preset="turbo"))
+    assert err.value.field == "preset"
+
+
 def test_presets_add_their_loras_steps_and_options_under_the_requests_own() -> None:
     from engine.families import apply_preset
 
     entry = catalogue_entry("Qwen/Qwen-Image-Edit-2509")
     params = apply_preset(EditParams("x", options={"negative_prompt": "blur"}), entry, "lightning-4")
     assert params.steps == 4
-    assert params.options == {"true_cfg_scale": 1.0, "negative_prompt": "blur"}
+    assert params.options == {"true_cfg_scale": 1.0, "scheduler": "lightning", "negative_prompt": "blur"}
     assert params.loras[0].path.startswith("hf://lightx2v/Qwen-Image-Lightning/") and params.loras[0].strength == 1.0
     mine = apply_preset(EditParams("x", steps=6, options={"true_cfg_scale": 2.0}), entry, "lightning-8")
     assert mine.steps == 6 and mine.options["true_cfg_scale"] == 2.0  # the request's own values win

@@ -243,7 +243,7 @@ def test_preview_is_a_latent_scale_rgb_image(name: str, pipes: dict[str, Any]) -
 def test_the_preview_map_inverts_a_linear_encoder() -> None:
     """The fit is least squares over flat colour blocks: for an encoder that is linear in the
     block colours (what the real VAEs are to first order) it recovers the colours."""
-    from engine.families.flux_kontext import fit_latent_rgb, latent_rgb_image
+    from engine.families.dit import fit_latent_rgb, latent_rgb_image
 
     mixing = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
     offset = torch.randn(6, 1, 1, generator=torch.Generator().manual_seed(1))

@@ -185,23 +185,63 @@ def test_progress_latents_give_a_preview(pipe, small_reference) -> None:
     assert all(p is not None and p.size == (width // 8, height // 8) for p in previews)
 
 
-def test_preview_of_real_16_channel_latents_uses_the_rgb_map(pipe) -> None:
-    width, height = 64, 32
-    latents = torch.zeros(1, (height // 16) * (width // 16), 64)
-    preview = FAMILY.preview(pipe, latents, (width, height))
-    assert preview is not None and preview.size == (8, 4)
-    # zero latents → the bias of the linear map, the same colour everywhere
-    assert len(set(preview.getdata())) == 1
-    assert FAMILY.preview(pipe, torch.zeros(1, 5, 64), (width, height)) is None  # wrong size
-    # the unpacking is the pipeline's own
-    from engine.families.qwen_edit import _RGB_BIAS, _RGB_FACTORS
+def test_the_preview_map_is_fitted_at_load_from_the_models_own_vae(pipe) -> None:
+    from engine.families import dit
 
-    generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, (height // 16) * (width // 16), 64, generator=generator)
-    unpacked = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)[0, :, 0]
-    rgb = torch.einsum("chw,cr->hwr", unpacked, _RGB_FACTORS) + _RGB_BIAS
-    want = ((rgb + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
-    np.testing.assert_array_equal(np.asarray(FAMILY.preview(pipe, latents, (width, height))), want)
+    rgb_map = dit._RGB_MAPS.get(pipe.vae)
+    assert rgb_map is not None  # fitted by `load` (via `prepare`), on the CPU
+    assert rgb_map.shape == (pipe.vae.config.z_dim + 1, 3)
+    assert FAMILY.preview_map(pipe) is rgb_map  # once per VAE
+
+
+def test_the_preview_recovers_flat_colours_through_the_pipelines_normalisation(
+        pipe, monkeypatch) -> None:
+    """With a VAE encoder that is linear in the colours, the map fitted through the family's
+    encode (one frame, B×C×T×H×W, normalised with the VAE config's latents_mean/latents_std as
+    the pipeline does) turns the packed latents the transformer sees back into the colour."""
+    from types import SimpleNamespace
+
+    from engine.families import dit
+
+    channels = pipe.vae.config.z_dim
+    mixing = torch.randn(channels, 3, generator=torch.Generator().manual_seed(0))
+    offset = torch.randn(channels, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    frames = []
+
+    def encode(pixels: torch.Tensor, *args: object, **kwargs: object) -> SimpleNamespace:
+        frames.append(pixels.shape)
+        pooled = torch.nn.functional.avg_pool3d((pixels + 1) / 2, (1, 8, 8))  # B×3×1×h×w
+        return SimpleNamespace(latents=torch.einsum("ck,bkthw->bcthw", mixing, pooled) + offset)
+
+    monkeypatch.setattr(pipe.vae, "encode", encode)
+    monkeypatch.delitem(dit._RGB_MAPS, pipe.vae, raising=False)  # refit with this encoder
+    rgb_map = FAMILY.preview_map(pipe)
+    assert frames == [(1, 3, 1, 128, 128)]  # a single frame, one encode
+    assert rgb_map.shape == (channels + 1, 3)
+
+    width, height = 64, 32
+    colour = torch.tensor([0.8, 0.3, 0.1])
+    pixels = colour.view(1, 3, 1, 1, 1).expand(1, 3, 1, height, width) * 2 - 1
+    raw = encode(pixels).latents  # the VAE's latents; the pipeline normalises them:
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, channels, 1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, channels, 1, 1, 1)
+    normalised = (raw - mean) / std
+    packed = pipe._pack_latents(normalised[:, :, 0], 1, channels, height // 8, width // 8)
+    preview = FAMILY.preview(pipe, packed, (width, height))
+    assert preview is not None and preview.size == (width // 8, height // 8)
+    got = np.asarray(preview).reshape(-1, 3) / 255
+    np.testing.assert_allclose(got, np.broadcast_to(colour.numpy(), got.shape), atol=1 / 255 + 1e-6)
+    # the raw (unnormalised) latents give another colour: the normalisation is the pipeline's
+    unnormalised = pipe._pack_latents(raw[:, :, 0], 1, channels, height // 8, width // 8)
+    wrong = np.asarray(FAMILY.preview(pipe, unnormalised, (width, height))).reshape(-1, 3) / 255
+    assert np.abs(wrong - colour.numpy()).max() > 0.05
+
+
+def test_preview_of_latents_of_another_size_is_none(pipe) -> None:
+    width, height = 64, 32
+    assert FAMILY.preview(pipe, torch.zeros(1, 5, 64), (width, height)) is None
+    assert FAMILY.preview(pipe, torch.zeros(1, 8, 12), (width, height)) is None  # 3 channels
+    assert FAMILY.preview(pipe, None, (width, height)) is None
 
 
 # ------------------------------------------------------------------------------ sizes
@@ -258,6 +298,9 @@ def test_parameters_and_rules() -> None:
     assert params["negative_prompt"]["default"] == " "
     assert params["negative_prompt"]["max_length"] == 1000
     assert described["supports"]["negative_prompt"] is True
+    assert params["scheduler"]["choices"] == ["default", "lightning"]
+    assert params["scheduler"]["default"] == "default"
+    assert "Lightning" in params["scheduler"]["help"]
     assert described["steps"]["default"] == 40 and described["steps"]["minimum"] == 2
     assert described["resolution"] == {"rule": "area", "default": 1024, "multiple": 32,
                                        "minimum": 64, "maximum": 2048}
@@ -275,8 +318,11 @@ def test_a_parameter_the_family_does_not_take_is_named() -> None:
     with pytest.raises(InvalidInput) as err:
         FAMILY.resolve_options({"negative_prompt": "x" * 1001})
     assert err.value.field == "negative_prompt"
-    assert FAMILY.resolve_options({"true_cfg_scale": 2}) == {"true_cfg_scale": 2.0,
-                                                              "negative_prompt": " "}
+    with pytest.raises(InvalidInput) as err:
+        FAMILY.resolve_options({"scheduler": "euler-a"})
+    assert err.value.field == "scheduler"
+    assert FAMILY.resolve_options({"true_cfg_scale": 2}) == {
+        "true_cfg_scale": 2.0, "negative_prompt": " ", "scheduler": "default"}
 
 
 def test_one_step_is_refused(pipe) -> None:
@@ -408,18 +454,74 @@ def test_editor_loras_with_strengths(tmp_path, small_reference) -> None:
     assert np.abs(as_int(again) - as_int(plain)).max() <= 1  # unloaded again
 
 
-def test_lightning_scheduler_settings_run(pipe, small_reference, monkeypatch) -> None:
+def sigmas_used(pipe, scheduler: str) -> tuple[np.ndarray, torch.Tensor]:
+    """(the result, the sigmas of the scheduler the pipeline stepped with)."""
+    seen = []
+
+    def step(i: int, total: int, latents: torch.Tensor | None) -> None:
+        seen.append(pipe.scheduler.sigmas.clone())
+
+    out = FAMILY.run(pipe, inputs(working_image(), [0], steps=4, true_cfg_scale=1.0,
+                                  scheduler=scheduler), StepHooks(step=step), CPU)
+    return out[0], seen[0]
+
+
+def test_lightning_scheduler_for_one_call(pipe, small_reference) -> None:
+    """"lightning" steps with the fixed shift of 3 (sigma → 3σ / (1 + 2σ) at any size, no
+    terminal stretch), equals the pipeline called with that scheduler, and leaves the
+    pipeline's own scheduler in place."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from engine.families.qwen_edit import LIGHTNING_SCHEDULER
 
-    lightning = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config,
-                                                            **LIGHTNING_SCHEDULER)
-    assert lightning.config.shift_terminal is None
-    monkeypatch.setattr(pipe, "scheduler", lightning)
-    out = FAMILY.run(pipe, inputs(working_image(), [0], steps=4, true_cfg_scale=1.0), no_hooks(),
-                     CPU)
-    assert np.isfinite(out[0]).all()
+    own = pipe.scheduler
+    config = dict(own.config)
+    default_out, default_sigmas = sigmas_used(pipe, "default")
+    lightning_out, lightning_sigmas = sigmas_used(pipe, "lightning")
+    assert pipe.scheduler is own and dict(own.config) == config
+
+    base = torch.linspace(1.0, 1 / 4, 4, dtype=torch.float64)
+    want = 3 * base / (1 + 2 * base)
+    np.testing.assert_allclose(lightning_sigmas[:-1].double(), want, atol=1e-5)
+    assert float(lightning_sigmas[-1]) == 0.0
+    assert np.abs(default_sigmas[:-1].double() - want).max() > 1e-3  # the default differs
+    assert np.abs(lightning_out - default_out).max() > 1e-4
+
+    kwargs = FAMILY.pipeline_kwargs(inputs(working_image(), [0], steps=4, true_cfg_scale=1.0))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(config, **LIGHTNING_SCHEDULER)
+    try:
+        direct = pipe(**kwargs).images[0]
+    finally:
+        pipe.scheduler = own
+    np.testing.assert_allclose(lightning_out, direct, atol=1e-4)
+    assert np.isfinite(lightning_out).all()
+    again, _ = sigmas_used(pipe, "default")
+    np.testing.assert_allclose(again, default_out, atol=1e-6)  # nothing of it stayed behind
+
+
+def test_lightning_scheduler_is_put_back_after_a_cancel(pipe, small_reference) -> None:
+    own = pipe.scheduler
+    swapped = []
+
+    def step(i: int, total: int, latents: torch.Tensor | None) -> None:
+        swapped.append(pipe.scheduler is not own)
+        raise EditCancelled()
+
+    with pytest.raises(EditCancelled):
+        FAMILY.run(pipe, inputs(working_image(), [0], steps=4, true_cfg_scale=1.0,
+                                scheduler="lightning"), StepHooks(step=step), CPU)
+    assert swapped == [True] and pipe.scheduler is own
+
+
+def test_lightning_presets_use_the_lightning_scheduler() -> None:
+    from engine.families import load_catalogue
+
+    entries = [e for e in load_catalogue() if e["family"] == "qwen-image-edit"]
+    presets = [p for e in entries for p in e["presets"] if p["id"].startswith("lightning")]
+    assert len(presets) >= 2
+    for preset in presets:
+        assert FAMILY.resolve_options(preset["options"])["scheduler"] == "lightning"
+        assert FAMILY.resolve_options(preset["options"])["true_cfg_scale"] == 1.0
 
 
 # ------------------------------------------------------------------------ single files, quantized

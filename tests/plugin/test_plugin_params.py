@@ -238,7 +238,9 @@ def test_the_engine_accepts_what_the_plugin_sends():
         parsed = engine_request.EditParams.from_dict(data)
         assert parsed.seed == 3 and parsed.variants == 2 and parsed.model == model
         family = get_family(state.model_info.family)
-        assert family.resolve_options(parsed.options) == state.request().options
+        resolved = family.resolve_options(parsed.options)  # raises on a key it does not take
+        sent = state.request().options
+        assert {name: resolved[name] for name in sent} == sent
 
 
 def test_request_validation_uses_the_published_specs_and_limits():
@@ -351,10 +353,11 @@ def test_provenance_records_the_familys_parameters():
     record = provenance.provenance(request, 1, "Dragon", "layer", (1, 2, 3, 4), None, "{id}")
     assert record["model"] == "Qwen-Image-Edit-2511" and record["family"] == "qwen-image-edit"
     assert record["options"] == {"true_cfg_scale": 1.0, "negative_prompt": " "} and record["steps"] == 8
-    assert record["seed"] == 4 and record["loras"][0]["path"].endswith("lightning-8steps.safetensors")
+    assert record["seed"] == 4 and record["preset"] == "lightning-8" and record["loras"] == []
     assert json.loads(json.dumps(record)) == record
     text = provenance.describe(record)
     assert "true CFG 1" in text and "Qwen-Image-Edit" in text and "8 steps" in text and "Dragon" in text
+    assert "preset lightning-8" in text
     # Records written before model families still read.
     old = {"instruction": "x", "model": "IP2P", "seed": 1, "steps": 20, "text_guidance": 7.5,
            "image_guidance": 1.5, "source_layer": "L"}
@@ -405,7 +408,7 @@ def test_stored_values_the_engine_no_longer_allows_fall_back_to_defaults():
     assert state.model == "" and state.model_info.id == IP2P
 
 
-def test_presets_set_steps_options_and_loras():
+def test_presets_set_steps_options_and_send_the_preset_id():
     state = engine_state()
     state.model = QWEN
     state.lora_path = "style-a.safetensors"
@@ -413,14 +416,17 @@ def test_presets_set_steps_options_and_loras():
     state.preset = "lightning-8"
     assert state.steps == 8 and state.options["true_cfg_scale"] == 1.0
     request = state.request()
-    assert request.steps == 8 and [lo.path for lo in request.loras] == [
-        "lightx2v/Qwen-Image-Edit-2511-Lightning/lightning-8steps.safetensors", "style-a.safetensors"]
+    # The preset's LoRAs come from the engine's catalogue: the request names the preset only.
+    assert request.steps == 8 and request.preset == "lightning-8"
+    assert [lo.path for lo in request.loras] == ["style-a.safetensors"]
+    assert request.to_dict()["preset"] == "lightning-8"
     state.model = IP2P
     state.model = QWEN
     assert state.preset == "lightning-8" and state.steps == 8  # kept per model, not re-applied
     state.preset = ""
     assert state.steps == 0 and state.options["true_cfg_scale"] == 4.0
     assert state.request().steps == 40 and len(state.request().loras) == 1
+    assert state.request().preset is None and "preset" not in state.request().to_dict()
 
 
 # --- the docker's form -----------------------------------------------------------------------------

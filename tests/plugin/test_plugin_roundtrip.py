@@ -472,7 +472,7 @@ def test_install_id_follows_the_engines_recipe(tmp_path: Path):
 @pytest.mark.slow
 def test_managed_mode_reuses_a_real_engine_of_this_installation(fake_krita, tiny_model_dir, tmp_path):
     """Like ./scripts/run.sh: a real `instruct-edit serve` from this environment is running."""
-    from conftest import start_engine
+    from real_engine import start_engine
 
     token_file = tmp_path / "token"
     token_file.write_text("served-token")

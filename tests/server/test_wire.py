@@ -304,6 +304,14 @@ def test_a_family_parameter_the_model_does_not_take_is_422_naming_it(
     assert error["field"] == field and hint in error["message"]
 
 
+def test_a_preset_the_model_does_not_offer_is_422_naming_it(client_factory):
+    client, _ = echo_client(client_factory)
+    response = submit(client, {"instruction": "x", "preset": "lightning-8"})
+    assert response.status_code == 422, response.text
+    error = error_of(response)
+    assert error["field"] == "preset" and "not offered" in error["message"]
+
+
 def test_the_models_family_decides_which_parameters_it_takes(client_factory, tmp_path):
     (tmp_path / "kontext").mkdir()
     (tmp_path / "kontext" / "model_index.json").write_text(

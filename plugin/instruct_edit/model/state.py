@@ -199,7 +199,8 @@ class EditState(Observable):
         if self.random_seed and new_seed:
             self.seed = random.randint(0, limits.seed_widget_max)
         preset = info.preset(self.preset) if info else None
-        loras = list(preset.loras) if preset else []
+        # The preset's own LoRAs come from the engine's catalogue: only its id travels.
+        loras = []
         if self.lora_path:
             loras.append(Lora(self.lora_path, float(self.lora_strength)))
         options: dict[str, Any] = {}
@@ -214,6 +215,7 @@ class EditState(Observable):
             resolution=int(self.resolution) or (info.default_resolution if info else None),
             model=self.model or None,
             loras=tuple(loras),
+            preset=preset.id if preset else None,
             options=options,
             info=info,
             limits=limits,
