@@ -228,7 +228,6 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
             model=args.model,
             devices=devices,
             dtype=args.dtype,
-            memory_saving=args.memory_saving,
             memory_plan=memory_plan,
             quantization=args.quantization,
             allow_pickle=args.allow_pickle,

@@ -1,10 +1,7 @@
 """The service's view of the model families (`engine.families`): which family a listed model
 belongs to, what `GET /v1/models` publishes about it, and the check of a request's family
-parameters.
-
-Every lookup goes through this module, so the rest of the server does not care whether a
-family's module is importable in this installation: a family that is not available publishes
-no parameters, and its models fail when loaded, with the registry's message.
+parameters. The registry skips a family whose module cannot be imported here (its models then
+publish no parameters and fail when loaded, with the registry's message).
 """
 
 from __future__ import annotations
@@ -14,39 +11,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import engine.families as registry
 from engine.errors import InvalidInput
 from engine.request import EditParams
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FAMILY = "sd-ip2p"
-# The older catalogue (resources/models.json) named an architecture instead of a family.
+# Catalogues written before model families named an architecture instead of a family.
 _ARCHITECTURE_FAMILIES = {"sd15-instruct-pix2pix": "sd-ip2p"}
 
-
-def _registry() -> Any:
-    try:
-        import engine.families as registry
-    except ImportError:  # pragma: no cover - the registry ships with the engine
-        return None
-    return registry
-
-
-def load_catalogue() -> list[dict[str, Any]]:
-    registry = _registry()
-    if registry is not None and hasattr(registry, "load_catalogue"):
-        return registry.load_catalogue()
-    from engine.models import load_catalogue as old_load_catalogue  # pragma: no cover
-
-    return old_load_catalogue()  # pragma: no cover
+load_catalogue = registry.load_catalogue
 
 
 def get(family_id: str | None) -> Any:
     """The Family object, or None when unknown or not available in this installation."""
-    registry = _registry()
-    if registry is None or family_id is None:
-        return None
-    return registry.FAMILIES.get(family_id)
+    return registry.FAMILIES.get(family_id) if family_id is not None else None
 
 
 def family_id_for_architecture(architecture: str | None) -> str | None:
@@ -54,9 +34,6 @@ def family_id_for_architecture(architecture: str | None) -> str | None:
 
 
 def family_id_for_pipeline_class(name: str) -> str | None:
-    registry = _registry()
-    if registry is None:
-        return None
     try:
         return registry.family_for_pipeline_class(name).id
     except InvalidInput:
@@ -65,7 +42,6 @@ def family_id_for_pipeline_class(name: str) -> str | None:
 
 def single_file_family_id(path: Path) -> str:
     """A single checkpoint's family: what its weight names say (SDXL or not), else sd-ip2p."""
-    registry = _registry()
     try:
         return registry.detect_family(str(path), allow_pickle=True).id
     except Exception:  # unreadable, or the family module is not available here
@@ -75,7 +51,6 @@ def single_file_family_id(path: Path) -> str:
 def hub_family_id(model: str) -> str | None:
     """The family of the operator's --model when it is a hub id (from the cached
     model_index.json); None when it cannot be told before loading."""
-    registry = _registry()
     try:
         return registry.detect_family(model).id
     except Exception:
@@ -112,8 +87,7 @@ def check_preset(params: EditParams, catalogue_id: str | None) -> None:
     the Editor expands it (its LoRAs come from the catalogue, never from the client)."""
     if params.preset is None:
         return
-    registry = _registry()
-    entry = registry.catalogue_entry(catalogue_id) if registry is not None and catalogue_id else None
+    entry = registry.catalogue_entry(catalogue_id) if catalogue_id else None
     registry.find_preset(entry, params.preset)
 
 

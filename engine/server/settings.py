@@ -29,7 +29,6 @@ class ServerSettings:
     model: str = DEFAULT_MODEL
     devices: tuple[str, ...] = ("auto",)
     dtype: str = "auto"
-    memory_saving: str = "auto"  # the older flag; used only by an Editor without memory_plan
     # auto | full | offload-text | model-offload | sequential-offload (engine.devices)
     memory_plan: str = "auto"
     # none | bnb-8bit | bnb-4bit | torchao-int8 | gguf (engine.quantization)

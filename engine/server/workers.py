@@ -7,7 +7,6 @@ with every other model unloaded and the allocator's caches emptied, then fails w
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -53,43 +52,20 @@ EditorFactory = Callable[[str, str], EditorLike]
 _LOAD_LOCK = threading.Lock()
 
 
-def editor_options(settings: ServerSettings, accepted: set[str]) -> dict[str, Any]:
-    """The Editor keyword arguments of the memory settings, as far as the Editor takes them:
-    `memory_plan` and `quantization` (the `--memory-plan`/`--quantization` flags), else the
-    older `memory_saving`. A non-default setting the Editor cannot take is refused."""
-    wanted: dict[str, Any] = {
-        "memory_plan": settings.memory_plan,
-        "quantization": settings.quantization,
-    }
-    options: dict[str, Any] = {}
-    for name, value in wanted.items():
-        if name in accepted:
-            options[name] = value
-        elif value not in ("auto", "none"):
-            raise EngineError(f"this engine's Editor does not support --{name.replace('_', '-')}")
-    if "memory_plan" not in accepted and "memory_saving" in accepted:
-        options["memory_saving"] = settings.memory_saving
-    return options
-
-
 def real_editor_factory(settings: ServerSettings) -> EditorFactory:
     def make(model: str, device: str) -> EditorLike:
         from engine.editor import Editor
 
-        accepted = set(inspect.signature(Editor).parameters)
         return Editor(
             model,
             device=device,
             dtype=settings.dtype,
             allow_pickle=settings.allow_pickle,
-            **editor_options(settings, accepted),
+            memory_plan=settings.memory_plan,
+            quantization=settings.quantization,
         )
 
     return make
-
-
-def free_accelerator_memory() -> None:
-    free_memory(None)
 
 
 @dataclass
@@ -204,13 +180,13 @@ class DeviceWorker(threading.Thread):
                 "out of memory on %s for edit %s; unloading other models", self.device, job.id
             )
         self._drop_editors(keep=target)
-        free_accelerator_memory()
+        free_memory()
         try:
             return self._edit(job, self._editor(target))
         except Exception as err:
             if not is_out_of_memory(err):
                 raise
-            free_accelerator_memory()
+            free_memory()
             raise OutOfMemory(self._oom_advice(job), field="resolution") from err
 
     def _oom_advice(self, job: Job) -> str:
@@ -260,7 +236,7 @@ class DeviceWorker(threading.Thread):
                 evicted = True
         if evicted:
             # Model modules hold reference cycles; collect them before the new weights arrive.
-            free_accelerator_memory()
+            free_memory()
         try:
             with _LOAD_LOCK:
                 editor = self.factory(target, self.device)

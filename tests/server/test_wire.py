@@ -28,12 +28,10 @@ from service_helpers import (
 
 from engine.cli import build_parser
 from engine.devices import MEMORY_PLAN_CHOICES
-from engine.errors import EngineError
 from engine.manifest import DEFAULT_MODEL
 from engine.quantization import QUANTIZATIONS
 from engine.server import cli, create_app
 from engine.server.instance import ENGINE_PACKAGE_DIR, install_id
-from engine.server.workers import editor_options
 
 
 def error_of(response) -> dict:
@@ -418,17 +416,6 @@ def test_install_id_recipe(tmp_path):
     assert install_id(str(venv / "python"), str(tmp_path / "src")) != expected
 
 
-def test_memory_flags_reach_the_editor_only_as_far_as_it_takes_them():
-
-    settings = make_settings(memory_plan="offload-text", quantization="torchao-int8")
-    new = editor_options(settings, {"memory_plan", "quantization", "memory_saving"})
-    assert new == {"memory_plan": "offload-text", "quantization": "torchao-int8"}
-    old_defaults = editor_options(make_settings(memory_saving="offload"), {"memory_saving"})
-    assert old_defaults == {"memory_saving": "offload"}
-    with pytest.raises(EngineError, match="--quantization"):
-        editor_options(settings, {"memory_plan", "memory_saving"})
-
-
 def test_serve_flags_match_the_engine_names(tmp_path):
 
     assert cli.MEMORY_PLANS == MEMORY_PLAN_CHOICES and cli.QUANTIZATIONS == QUANTIZATIONS
@@ -442,6 +429,15 @@ def test_serve_flags_match_the_engine_names(tmp_path):
     assert settings.token_file == token_file.resolve()
     old, _ = cli._settings_from_args(build_parser().parse_args([*base, "--memory-saving", "off"]))
     assert old.memory_plan == "full"
+
+
+def test_the_real_editor_factory_gives_the_editor_the_memory_flags(tiny_model_dir):
+    from engine.server.workers import real_editor_factory
+
+    settings = make_settings(model=str(tiny_model_dir), dtype="fp32", memory_plan="offload-text")
+    editor = real_editor_factory(settings)(str(tiny_model_dir), "cpu")
+    # On a CPU every plan runs as "full" (nothing to offload to); the request is kept for CUDA.
+    assert editor.requested_plan == "offload-text" and editor.memory_report()["plan"] == "full"
 
 
 def test_the_family_ranges_of_steps_and_resolution_apply(client_factory):
