@@ -27,6 +27,8 @@ from engine.families.base import Family, StepHooks
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
+    from engine.sources import ModelSource
+
 Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -118,10 +120,31 @@ def can_encode_now(vae: torch.nn.Module) -> bool:
 class DiTFamily(Family):
     """A family run through its diffusers pipeline, with the fitted latent preview.
 
-    Subclasses implement `preview_encoder` (the pipeline's own image → model-space latents)
-    and `preview`, which turns their packed latents into C×h×w and calls `latent_rgb_image`
-    with `preview_map(pipe)`.
+    Subclasses name their diffusers classes (`pipeline_class`, `transformer_class`) and the
+    repository a single transformer file takes its other components from (`default_config`),
+    and implement `preview_encoder` (the pipeline's own image → model-space latents) and
+    `preview`, which turns their packed latents into C×h×w and calls `latent_rgb_image` with
+    `preview_map(pipe)`.
     """
+
+    pipeline_class: str = ""
+    transformer_class: str = ""
+    default_config: str | None = None
+
+    def load(self, source: ModelSource, *, dtype: torch.dtype, quantization: str | None = None,
+             config: str | None = None) -> DiffusionPipeline:
+        """A folder or hub id (cache first) whole, or a single transformer file (.gguf, or
+        .safetensors) with the rest from `config` (default: the family's reference model);
+        the quantizable components quantized when asked."""
+        import diffusers
+
+        from engine.quantization import load_dit_pipeline
+
+        pipe = load_dit_pipeline(getattr(diffusers, self.pipeline_class),
+                                 getattr(diffusers, self.transformer_class), source, dtype=dtype,
+                                 quantization=quantization, config=config or self.default_config,
+                                 components=self.quantizable)
+        return self.prepare(pipe, dtype)
 
     def prepare(self, pipe: DiffusionPipeline, dtype: torch.dtype) -> DiffusionPipeline:
         prepare_dit(pipe, dtype)

@@ -43,7 +43,6 @@ from engine.families.dit import (
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-    from engine.models import ModelSource
 
 MIN_SIDE = 64  # Flux2ImageProcessor.check_image_input
 MAX_ASPECT = 8.0
@@ -68,6 +67,7 @@ class Flux2KleinFamily(DiTFamily):
     # A single transformer file takes its config and other components from here by default.
     default_config = "black-forest-labs/FLUX.2-klein-4B"
     pipeline_class_names = ("Flux2KleinPipeline",)
+    pipeline_class, transformer_class = "Flux2KleinPipeline", "Flux2Transformer2DModel"
 
     def working_size(self, width: int, height: int, resolution: int | None) -> tuple[int, int]:
         """The area rule, kept at or under 1024² pixels where the target is ≤ 1024²: the area
@@ -84,17 +84,6 @@ class Flux2KleinFamily(DiTFamily):
                 else:
                     h -= step
         return w, h
-
-    def load(self, source: ModelSource, *, dtype: torch.dtype, quantization: str | None = None,
-             config: str | None = None) -> DiffusionPipeline:
-        from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel
-
-        from engine.quantization import load_dit_pipeline
-
-        pipe = load_dit_pipeline(Flux2KleinPipeline, Flux2Transformer2DModel, source, dtype=dtype,
-                                 quantization=quantization, config=config or self.default_config,
-                                 components=self.quantizable)
-        return self.prepare(pipe, dtype)
 
     def run(self, pipe: DiffusionPipeline, inputs: RunInputs, hooks: StepHooks,
             device: torch.device) -> list[np.ndarray]:

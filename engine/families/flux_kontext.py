@@ -34,7 +34,6 @@ from engine.families.dit import (
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-    from engine.models import ModelSource
 
 
 # ---------------------------------------------------------------------------- the family
@@ -57,17 +56,7 @@ class FluxKontextFamily(DiTFamily):
     # A single transformer file takes its config and other components from here by default.
     default_config = "black-forest-labs/FLUX.1-Kontext-dev"
     pipeline_class_names = ("FluxKontextPipeline",)
-
-    def load(self, source: ModelSource, *, dtype: torch.dtype, quantization: str | None = None,
-             config: str | None = None) -> DiffusionPipeline:
-        from diffusers import FluxKontextPipeline, FluxTransformer2DModel
-
-        from engine.quantization import load_dit_pipeline
-
-        pipe = load_dit_pipeline(FluxKontextPipeline, FluxTransformer2DModel, source, dtype=dtype,
-                                 quantization=quantization, config=config or self.default_config,
-                                 components=self.quantizable)
-        return self.prepare(pipe, dtype)
+    pipeline_class, transformer_class = "FluxKontextPipeline", "FluxTransformer2DModel"
 
     def run(self, pipe: DiffusionPipeline, inputs: RunInputs, hooks: StepHooks,
             device: torch.device) -> list[np.ndarray]:

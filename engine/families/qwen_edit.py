@@ -151,6 +151,8 @@ class QwenImageEditFamily(DiTFamily):
     # Qwen-Image's activations overflow fp16 (black/NaN images): bf16 on GPUs.
     preferred_dtype = torch.bfloat16
     pipeline_class_names = ("QwenImageEditPlusPipeline",)
+    pipeline_class, transformer_class = "QwenImageEditPlusPipeline", "QwenImageTransformer2DModel"
+    default_config = DEFAULT_CONFIG  # the base model of a single transformer file
 
     # ------------------------------------------------------------------ working size
     def working_size(self, width: int, height: int, resolution: int | None) -> tuple[int, int]:
@@ -160,22 +162,9 @@ class QwenImageEditFamily(DiTFamily):
     # ------------------------------------------------------------------ loading
     def load(self, source: ModelSource, *, dtype: torch.dtype, quantization: str | None = None,
              config: str | None = None) -> DiffusionPipeline:
-        """A folder or hub id (cache first) whole, quantizing the transformer and the text
-        encoder when asked; a single transformer file (.gguf, or .safetensors in diffusers' key
-        names, as the community distributes them) with the rest of the pipeline from `config`
-        (default: Qwen-Image-Edit-2511). `engine.quantization.load_dit_pipeline` does the work;
-        here only the processor is made loadable without torchvision."""
-        from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
-
-        from engine.quantization import load_dit_pipeline
-
-        if source.kind == "single_file" and not config:
-            config = DEFAULT_CONFIG
+        # The processor is made loadable without torchvision (see processor_without_video).
         with processor_without_video():
-            pipe = load_dit_pipeline(QwenImageEditPlusPipeline, QwenImageTransformer2DModel, source,
-                                     dtype=dtype, quantization=quantization, config=config,
-                                     components=self.quantizable)
-        return self.prepare(pipe, dtype)
+            return super().load(source, dtype=dtype, quantization=quantization, config=config)
 
     # ------------------------------------------------------------------ denoising
     def pipeline_kwargs(self, inputs: RunInputs) -> dict[str, Any]:
