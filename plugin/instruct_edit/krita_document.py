@@ -160,10 +160,28 @@ class KritaDocument:
         """Add a group holding the already written `layers` (node, provenance); first visible.
 
         The group goes right above the source layer (or on top for the canvas): inserting it
-        is the only undoable step. Returns the group node.
+        is the only undoable step. Returns the group node. The pixels must be written before:
+        `setPixelData` on a node already in the image marks nothing dirty in Krita 5.1, so
+        writing after insertion would stay invisible until a synchronous full refresh.
         """
         doc = self.document
-        group = doc.createNode(group_name, "grouplayer")
+        create_group = getattr(doc, "createGroupLayer", None)  # a GroupLayer (pass-through API)
+        group = create_group(group_name) if create_group else doc.createNode(group_name, "grouplayer")
+        # How the group shows up without doc.refreshProjection() (a synchronous recomposite of
+        # the whole image: 50–80 ms at 4096² on 2 busy cores, plus a second full canvas redraw;
+        # checked in Krita 5.1.5). `addChildNode` already runs the insertion as a stroke that
+        # marks the whole image dirty and waits for the recomposite, but that does not
+        # composite the group's children into the group: a group with ONE plain paint layer
+        # shows it anyway (Krita uses the child's pixels as the group's), a group with several
+        # (hidden variants) stays invisible. A pass-through group is composited child by child
+        # into the layers below, so it shows at once; with one visible normal layer at full
+        # opacity it gives exactly the same picture as an isolated group.
+        refresh = False
+        if len(layers) > 1:
+            if hasattr(group, "setPassThroughMode"):
+                group.setPassThroughMode(True)
+            else:
+                refresh = True
         records = self.provenance_records()
         above = None
         # Krita stacks a child above `above` (None = at the bottom): adding the variants
@@ -178,9 +196,8 @@ class KritaDocument:
         parent.addChildNode(group, above_node)
         doc.setAnnotation(provenance.ANNOTATION_TYPE, provenance.ANNOTATION_DESCRIPTION,
                           QByteArray(provenance.encode_records(records)))
-        # Krita 5.1 shows inserted nodes only after this (the real-Krita e2e checks it); it
-        # blocks until the image is recomposited (~120 ms at 3000×2000 on 2 busy cores).
-        doc.refreshProjection()
+        if refresh:
+            doc.refreshProjection()
         doc.setActiveNode(group.childNodes()[-1] if group.childNodes() else group)
         return group
 

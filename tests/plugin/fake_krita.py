@@ -41,6 +41,7 @@ class Node:
         self._patches: list[tuple[int, int, int, int, bytes]] | None = [] if kind == "paintlayer" else None
         self._painted: tuple[int, int, int, int] | None = None
         self.writes = 0  # setPixelData calls, to prove the source is never written
+        self._pass_through = False
 
     # identity
     def name(self) -> str:
@@ -66,6 +67,16 @@ class Node:
 
     def setVisible(self, visible: bool) -> None:
         self._visible = bool(visible)
+
+    # group layers (Krita: GroupLayer). Pass-through composites the children straight onto
+    # the layers below; with normal blending at full opacity (all this fake does) the picture
+    # is the same as an isolated group's, so only the flag is kept.
+    def setPassThroughMode(self, value: bool) -> None:
+        assert self._type == "grouplayer", "setPassThroughMode on a " + self._type
+        self._pass_through = bool(value)
+
+    def passThroughMode(self) -> bool:
+        return self._pass_through
 
     # tree
     def childNodes(self) -> list[Node]:
@@ -234,6 +245,9 @@ class Document:
 
     def createNode(self, name: str, kind: str) -> Node:
         return Node(self, name, kind)
+
+    def createGroupLayer(self, name: str) -> Node:
+        return Node(self, name, "grouplayer")
 
     def activeNode(self) -> Node | None:
         return self._active

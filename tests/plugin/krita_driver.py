@@ -133,6 +133,8 @@ class Scenario:
         note("top_names", [n.name() for n in top])
         group = [n for n in top if n.type() == "grouplayer"][-1]
         note("group_type", group.type())
+        # Several variants: a pass-through group shows without a full projection refresh.
+        note("group_pass_through", group.passThroughMode() if hasattr(group, "passThroughMode") else None)
         layers = list(reversed(group.childNodes()))
         note("layer_names", [n.name() for n in layers])
         note("layer_visible", [n.visible() for n in layers])
@@ -187,6 +189,9 @@ class Scenario:
 
     def after_undo(self):
         note("names_after_undo", [n.name() for n in layers_of(self.document.rootNode())])
+        self.document.waitForDone()
+        note("source_unchanged_after_undo", bytes(self.background.pixelData(0, 0, W, H)) == self.source_before)
+        note("projection_is_source_after_undo", bytes(self.document.pixelData(0, 0, W, H)) == self.source_before)
         Krita.instance().action("edit_redo").trigger()
         QTimer.singleShot(500, self.save)
 

@@ -132,6 +132,8 @@ def test_docker_found_and_edit_done(krita_run):
 def test_result_group_and_layers(krita_run):
     assert krita_run["top_names"] == [krita_run["source_name"], "make it evening"]
     assert krita_run["group_type"] == "grouplayer"
+    # Two variants: pass-through, so Krita shows the group without a synchronous refresh.
+    assert krita_run["group_pass_through"] is True
     assert krita_run["layer_names"] == ["make it evening · s_T 7.5 s_I 1.5 · seed 1234",
                                         "make it evening · s_T 7.5 s_I 1.5 · seed 1235"]
     assert krita_run["layer_visible"] == [True, False]
@@ -170,6 +172,8 @@ def test_an_echo_engine_gives_back_identical_pixels(krita_run, selection):
 
 def test_one_undo_removes_the_edit(krita_run):
     assert krita_run["names_after_undo"] == [krita_run["source_name"]]
+    assert krita_run["source_unchanged_after_undo"] is True
+    assert krita_run["projection_is_source_after_undo"] is True
     assert krita_run["names_after_redo"] == [krita_run["source_name"], "make it evening"]
 
 
