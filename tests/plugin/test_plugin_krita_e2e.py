@@ -92,6 +92,10 @@ def krita_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
         "E2E_ECHO_URL": echo_url, "E2E_ECHO_TOKEN": "echo-token",
         "E2E_BIG": f"{BIG[0]}x{BIG[1]}", "E2E_SELECTION": SELECTION,
+        # Set: a cProfile of the first echo edit's click in artifacts/.
+        "E2E_PROFILE": os.environ.get("INSTRUCT_EDIT_E2E_PROFILE", ""),
+        # How long the heartbeat runs before each echo edit (Krita's own work shows there).
+        "E2E_SETTLE_MS": os.environ.get("INSTRUCT_EDIT_E2E_SETTLE_MS", ""),
     }
     command = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24 -nolisten tcp", "krita", "--nosplash"]
     log = []
