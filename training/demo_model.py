@@ -12,7 +12,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 _SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """The printable stand-ins GPT-2/CLIP byte-level BPE uses for the 256 byte values."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -28,7 +28,7 @@ def _byte_symbols() -> list[str]:
 
 def build_tiny_tokenizer() -> CLIPTokenizer:
     """A byte-level CLIP BPE tokenizer with a few merges: enough to tell instructions apart."""
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab: dict[str, int] = {}
     for s in symbols:
         vocab[s] = len(vocab)

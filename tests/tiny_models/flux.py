@@ -24,7 +24,6 @@ from diffusers import (
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
     Qwen2TokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -32,6 +31,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from training.demo_model import build_tiny_tokenizer, byte_symbols
 
 _VAE_BLOCKS = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
@@ -44,36 +45,7 @@ _VAE_BLOCKS = dict(
 LATENT_CHANNELS = 4  # the real models: 16 (FLUX.1) and 32 (FLUX.2)
 
 
-def byte_symbols() -> list[str]:
-    """The printable stand-ins that GPT-2-style byte-level BPE uses for the 256 byte values."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    shifted, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            shifted.append(chr(b))
-        else:
-            shifted.append(chr(256 + extra))
-            extra += 1
-    return shifted
-
-
 # ---------------------------------------------------------------------------- tokenizers
-def build_clip_tokenizer() -> CLIPTokenizer:
-    symbols = byte_symbols()
-    vocab: dict[str, int] = {}
-    for s in symbols:
-        vocab[s] = len(vocab)
-    for s in symbols:
-        vocab[s + "</w>"] = len(vocab)
-    merges = [("r", "e"), ("e", "d</w>"), ("b", "l"), ("u", "e</w>"), ("k", "e</w>")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    for s in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[s] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-
-
 def build_t5_tokenizer() -> T5TokenizerFast:
     """A Unigram (sentencepiece-style) vocabulary of single characters and ▁-words."""
     pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
@@ -111,7 +83,7 @@ def build_qwen_tokenizer() -> Qwen2TokenizerFast:
 def build_tiny_kontext(seed: int = 0, *, num_layers: int = 1, num_single_layers: int = 1,
                        heads: int = 2, head_dim: int = 16) -> FluxKontextPipeline:
     """A tiny random FLUX.1 Kontext pipeline (transformer with guidance embedding, as [dev])."""
-    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -226,7 +198,7 @@ KLEIN_SIZES = {
 
 
 def build_reduced_depth_kontext(seed: int = 0, *, num_layers: int = 1, num_single_layers: int = 2) -> FluxKontextPipeline:
-    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_t5_tokenizer()
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=num_layers, num_single_layers=num_single_layers,
