@@ -10,14 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
+import qt_wait
 from instruct_edit.krita_document import KritaDocument
 from instruct_edit.model import naming
 from instruct_edit.model.controller import EditController
 from instruct_edit.model.settings import REMOTE, Settings
 from instruct_edit.model.state import CONNECTED, EditState
-from instruct_edit.qt import QApplication, QtCore, QTimer
+from instruct_edit.qt import QApplication
 
 W, H = 96, 64
+
+
+def wait_for(condition, timeout: float = 15.0) -> None:
+    qt_wait.wait_for(condition, timeout)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,15 +30,6 @@ def app():
     return QApplication.instance() or QApplication([])
 
 
-def wait_for(condition, timeout: float = 15.0) -> None:
-    """Run Qt's event loop (not processEvents + sleep: uploads stream a chunk per turn)."""
-    deadline = time.monotonic() + timeout
-    loop = QtCore.QEventLoop()
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        QTimer.singleShot(5, loop.quit)
-        loop.exec()
 
 
 def pattern(x: int, y: int) -> tuple[int, int, int, int]:

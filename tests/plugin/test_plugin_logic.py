@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import time
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import qt_wait
 from instruct_edit import image as px
 from instruct_edit import provenance
 from instruct_edit import request as plugin_request
@@ -22,9 +22,13 @@ from instruct_edit.client.http import EngineClient, multipart_body
 from instruct_edit.model import naming
 from instruct_edit.model import settings as settings_module
 from instruct_edit.model.state import EditState
-from instruct_edit.qt import BINDING, QApplication, QImage, QtCore, QTimer
+from instruct_edit.qt import BINDING, QApplication, QImage
 from instruct_edit.request import EditRequest, RequestError, explore_grid
 from instruct_edit.training_pair import save_pair
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    qt_wait.wait_for(condition, timeout)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,15 +36,6 @@ def app():
     return QApplication.instance() or QApplication([])
 
 
-def wait_for(condition, timeout: float = 10.0) -> None:
-    """Run Qt's event loop (not processEvents + sleep: uploads stream a chunk per turn)."""
-    deadline = time.monotonic() + timeout
-    loop = QtCore.QEventLoop()
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        QTimer.singleShot(5, loop.quit)
-        loop.exec()
 
 
 def test_binding_follows_the_environment():

@@ -17,15 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import qt_wait
 from instruct_edit.krita_document import KritaDocument
 from instruct_edit.model import connection as connection_module
 from instruct_edit.model import jobs as jobs_module
 from instruct_edit.model.controller import EditController
 from instruct_edit.model.settings import MANAGED, REMOTE, Settings
 from instruct_edit.model.state import CONNECTED, EditState
-from instruct_edit.qt import QApplication, QtCore, QTimer
+from instruct_edit.qt import QApplication
 
 HERE = Path(__file__).resolve().parent
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    qt_wait.wait_for(condition, timeout)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,14 +38,6 @@ def app():
     return QApplication.instance() or QApplication([])
 
 
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    loop = QtCore.QEventLoop()
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        QTimer.singleShot(5, loop.quit)
-        loop.exec()
 
 
 def line_art(width: int, height: int, seed: int = 0, alpha: bool = True) -> bytes:
