@@ -3,7 +3,9 @@
 `edit` takes the chosen model family's own flags (generated from its ParamSpecs); a flag the
 family does not take is one `error:` line naming it (exit 2).
 
-Errors a user can act on print one line and exit non-zero; no tracebacks for bad input.
+Errors a user can act on print one line and exit non-zero; no tracebacks for bad input, and
+no third-party notices around it (`engine.console`); `--debug` (or INSTRUCT_EDIT_DEBUG=1)
+shows both, and the traceback of an unexpected failure.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from engine import console
 from engine.devices import MEMORY_PLAN_CHOICES, MEMORY_SAVING_ALIASES
 from engine.errors import EngineError, InvalidInput
 from engine.manifest import DEFAULT_MODEL, MANIFEST
@@ -56,6 +59,14 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
         help="precision: auto = the family's GPU dtype (fp16/bf16), bf16 on CPUs that do it fast, else fp32",
+    )
+    parser.add_argument(
+        "--runtime", default=None, choices=("auto", "torch", "openvino"),
+        help="what runs the networks: auto = OpenVINO on a CPU for InstructPix2Pix models (several times faster; the first use of a model converts it once, cached), else PyTorch",
+    )
+    parser.add_argument(
+        "--compile", default="off", choices=("off", "default", "max-autotune", "reduce-overhead"),
+        help="torch.compile the UNet of InstructPix2Pix models (GPU; one warm-up per model, every working size reuses it): default, max-autotune, reduce-overhead (CUDA graphs)",
     )
     parser.add_argument(
         "--memory-plan", default="auto", choices=MEMORY_PLAN_CHOICES,
@@ -137,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Instruction-based image editing: InstructPix2Pix, SDXL, FLUX Kontext/klein, Qwen-Image-Edit.",
     )
     parser.add_argument("--version", action="version", version=f"instruct-edit {MANIFEST['version']}")
+    parser.add_argument(
+        "--debug", action="store_true",
+        help=f"show the libraries' notices and the traceback of an unexpected error "
+             f"(or set {console.DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     edit = sub.add_parser(
@@ -280,18 +296,23 @@ def run_edit(args: argparse.Namespace) -> int:
     # heavy import: only once the arguments are known good
     from engine.editor import Editor, Progress
 
+    if not console.debug_requested(args.debug):
+        console.quiet_loading_bars(keep_download_bars=not args.quiet)
+
     editor = Editor(
         args.model, family=family, device=args.device, dtype=args.dtype,
         allow_pickle=args.allow_pickle, memory_plan=plan, quantization=args.quantization,
-        model_config=args.model_config,
+        model_config=args.model_config, runtime=args.runtime, compile=args.compile,
     )
     progress = None
+    bars: list[Any] = []  # drawn from the first step on: an edit refused before shows none
     if not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=editor.resolve(params).steps, unit="step", desc="editing")
-
         def progress(p: Progress) -> None:
+            if not bars:
+                bars.append(tqdm(total=p.total, unit="step", desc="editing"))
+            bar = bars[0]
             bar.total = p.total
             bar.n = p.step
             bar.refresh()
@@ -299,7 +320,7 @@ def run_edit(args: argparse.Namespace) -> int:
     try:
         results = editor.edit(image, params, mask, on_progress=progress)
     finally:
-        if not args.quiet:
+        for bar in bars:
             bar.close()
     for path, result in zip(paths, results, strict=True):
         if path.suffix.lower() in (".jpg", ".jpeg") and result.mode == "RGBA":
@@ -317,8 +338,15 @@ def _lora_spec(text: str):
 
 
 def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parse and run a subcommand; a user-facing error is one line on stderr and exit code 2."""
+    """Parse and run a subcommand; a user-facing error is one line on stderr and exit code 2,
+    an unexpected one a line and exit code 1 (its traceback with --debug)."""
     args = parser.parse_args(argv)
+    # `serve --log-level debug` asks for everything too.
+    debug = console.debug_requested(
+        getattr(args, "debug", False) or getattr(args, "log_level", None) == "debug"
+    )
+    if not debug:
+        console.quiet_libraries()
     try:
         return int(args.run(args) or 0)
     except EngineError as err:
@@ -327,6 +355,17 @@ def run_command(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if debug:
+            raise
+        text = str(err).strip().splitlines()
+        detail = f": {text[0][:300]}" if text else ""
+        print(
+            f"error: unexpected {type(err).__name__}{detail} (run again with --debug for the "
+            "details, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

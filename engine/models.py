@@ -26,6 +26,7 @@ from engine.sources import (  # noqa: F401  (re-exported)
     SAFE_SUFFIXES,
     ModelSource,
     check_pickle_allowed,
+    load_policy,
     lora_adapter_name,
     resolve_lora_path,
     resolve_model_source,
@@ -60,4 +61,7 @@ def load_pipeline(
     kwargs: dict[str, Any] = {"dtype": dtype, "quantization": quantization, "config": config}
     if entry is not None and "entry" in inspect.signature(chosen.load).parameters:
         kwargs["entry"] = entry
-    return chosen.load(resolved, **kwargs)
+    # The families load through engine.sources, which reads this: .safetensors only unless
+    # pickle is allowed (downloads: the caller's policy, e.g. the service's, stays in force).
+    with load_policy(allow_pickle=allow_pickle):
+        return chosen.load(resolved, **kwargs)

@@ -19,13 +19,13 @@ the `quantization` field, before anything is loaded.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from engine.errors import EngineError, InvalidInput, ModelNotFound
+from engine.sources import ModelSource, hub_fetch_allowed, pretrained
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline, GGUFQuantizationConfig, PipelineQuantizationConfig
@@ -149,20 +149,11 @@ def gguf_config(compute_dtype: torch.dtype) -> GGUFQuantizationConfig:
 
 
 # ---------------------------------------------------------------------------- loading
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-
-
 def _from_pretrained(cls: Any, location: str, kind: str, **kwargs: Any) -> Any:
-    """Folder: local files only. Hub id: the cache first, then a download unless offline."""
-    if kind == "folder" or Path(location).is_dir():
-        return cls.from_pretrained(location, local_files_only=True, **kwargs)
-    try:
-        return cls.from_pretrained(location, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        if _offline():
-            raise
-    return cls.from_pretrained(location, **kwargs)
+    """Folder: local files only. Hub id: the cache first, then a download when allowed
+    (engine.sources.pretrained, with its pickle and download policy)."""
+    folder = kind == "folder" or Path(location).is_dir()
+    return pretrained(cls, ModelSource("folder" if folder else "hub", location), **kwargs)
 
 
 def load_dit_pipeline(pipeline_cls: Any, transformer_cls: Any, source: Any, *, dtype: torch.dtype,
@@ -199,7 +190,7 @@ def load_dit_pipeline(pipeline_cls: Any, transformer_cls: Any, source: Any, *, d
         transformer = transformer_cls.from_single_file(
             location, config=config, subfolder="transformer", torch_dtype=dtype,
             quantization_config=model_quantization_config(name, dtype),
-            local_files_only=base_is_folder or _offline(),
+            local_files_only=base_is_folder or not hub_fetch_allowed(),
         )
         others = tuple(c for c in components if c != "transformer")
         qconfig = quantization_config(name if name != "gguf" else "none", others, compute_dtype=dtype)

@@ -12,6 +12,7 @@ Old clients that send `text_guidance`/`image_guidance`/`scheduler` keep working 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -152,20 +153,50 @@ class EditParams:
                 raise InvalidInput("options must be a JSON object", field="options")
             options.pop("options", None)
             options.update(nested)
-        loras = values.get("loras") or []
-        if not isinstance(loras, list):
-            raise InvalidInput("loras must be a list of {path, strength}", field="loras")
-        try:
-            values["loras"] = tuple(
-                LoraSpec(path=str(item["path"]), strength=float(item.get("strength", 1.0)))
-                for item in loras
-            )
-        except (TypeError, KeyError, ValueError, AttributeError) as err:
-            raise InvalidInput("loras must be a list of {path, strength}", field="loras") from err
+        values["loras"] = _loras_from_json(values.get("loras", []))
         return cls(**values, options=options)
+
+    @classmethod
+    def from_json(cls, text: str) -> EditParams:
+        """`from_dict` of a JSON text; InvalidInput (naming `params`) for text that is not a
+        JSON object, including one nested too deeply to parse."""
+        try:
+            data = json.loads(text)
+        except RecursionError as err:
+            raise InvalidInput(
+                "params is nested too deeply; send a flat JSON object of parameters", "params"
+            ) from err
+        except ValueError as err:
+            raise InvalidInput(f"params is not valid JSON ({err}); send a JSON object", "params") from err
+        if not isinstance(data, dict):
+            raise InvalidInput(
+                'params must be a JSON object such as {"instruction": "make it evening"}', "params"
+            )
+        return cls.from_dict(data)
 
 
 SHARED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(EditParams) if f.name != "options")
+LORA_KEYS = frozenset({"path", "strength"})
+
+
+def _loras_from_json(loras: Any) -> tuple[LoraSpec, ...]:
+    """The `loras` list of the wire form, each item type-checked (no silent conversions: a
+    strength sent as text is an error, as is a path sent as a number)."""
+    usage = 'loras must be a list of {"path": NAME, "strength": NUMBER}'
+    if not isinstance(loras, list):
+        raise InvalidInput(f"{usage} (got {type(loras).__name__})", field="loras")
+    specs = []
+    for item in loras:
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str):
+            raise InvalidInput(f"{usage}; each needs a path as text", field="loras")
+        unknown = sorted(set(item) - LORA_KEYS)
+        if unknown:
+            raise InvalidInput(f"{usage}; {unknown[0]!r} is not one of its keys", field="loras")
+        strength = item.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise InvalidInput(f"{usage}; strength must be a number (got {strength!r})", field="loras")
+        specs.append(LoraSpec(path=item["path"], strength=float(strength)))
+    return tuple(specs)
 
 
 def limits_json() -> dict[str, Any]:

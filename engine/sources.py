@@ -4,6 +4,11 @@ Family-agnostic: this module decides *which* source a name is and refuses what i
 (pickle-based files without the explicit flag); each family's `load` then calls diffusers'
 own `from_pretrained` / `from_single_file` through `pretrained` / `load_errors` below, so every
 family fails with the same clear messages.
+
+`load_policy` (set per thread by `engine.models.load_pipeline` and the HTTP service's workers)
+says whether pickle weights may load (`use_safetensors=True` otherwise, and a folder holding
+only .bin weights is refused naming --allow-pickle) and whether a missing hub file may be
+downloaded (otherwise: the cache only, and a message naming --allow-downloads).
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +31,68 @@ SAFE_SUFFIXES = (".safetensors",)
 GGUF_SUFFIXES = (".gguf",)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_FILE_PREFIX = "hf://"  # hf://owner/repo/path/in/repo.safetensors (LoRA presets)
+# torch.load(weights_only=True) refuses arbitrary code from 2.6 on (CVE-2025-32434 broke it
+# before); pickle files load only on such a torch.
+SAFE_TORCH_LOAD_VERSION = (2, 6)
+
+
+@dataclass(frozen=True)
+class LoadPolicy:
+    """What loading may do. The library's default downloads a missing hub model (a person
+    asked for it) and refuses pickle; the service narrows downloads per request."""
+
+    allow_pickle: bool = False
+    allow_downloads: bool = True
+
+
+_policy = threading.local()
+
+
+def current_policy() -> LoadPolicy:
+    return getattr(_policy, "value", None) or LoadPolicy()
+
+
+@contextlib.contextmanager
+def load_policy(
+    *, allow_pickle: bool | None = None, allow_downloads: bool | None = None
+) -> Iterator[LoadPolicy]:
+    """Narrow or widen this thread's LoadPolicy for the duration (None: keep as is)."""
+    previous = getattr(_policy, "value", None)
+    base = previous or LoadPolicy()
+    changes = {
+        key: value
+        for key, value in (("allow_pickle", allow_pickle), ("allow_downloads", allow_downloads))
+        if value is not None
+    }
+    _policy.value = replace(base, **changes)
+    try:
+        yield _policy.value
+    finally:
+        _policy.value = previous
+
+
+def is_hub_id(text: str) -> bool:
+    """`owner/name`, as a Hugging Face hub id is written (whether or not it exists)."""
+    return bool(_HUB_ID.match(text))
+
+
+def require_safe_torch_load() -> None:
+    """Pickle weights load only with a torch whose `weights_only` loading is safe (≥ 2.6)."""
+    import torch
+
+    release = torch.__version__.split("+")[0].split(".")
+    try:
+        version = tuple(int(part) for part in release[:2])
+    except ValueError:  # a development build: assume recent
+        return
+    if version < SAFE_TORCH_LOAD_VERSION:
+        wanted = ".".join(map(str, SAFE_TORCH_LOAD_VERSION))
+        raise UnsafeModelFile(
+            f"--allow-pickle needs torch {wanted} or newer, whose weights-only loading cannot "
+            f"run code from a file; this is torch {torch.__version__}: upgrade torch or use "
+            ".safetensors weights",
+            "model",
+        )
 
 
 @dataclass(frozen=True)
@@ -84,10 +152,45 @@ def resolve_model_source(model: str | os.PathLike[str] | ModelSource | None,
 
 
 def check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
-    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise UnsafeModelFile(
+                f"{path.name} is a pickle-based file ({path.suffix}), which can run arbitrary code when "
+                "loaded; use a .safetensors version, or pass --allow-pickle if you trust where it came from",
+                "model",
+            )
+        require_safe_torch_load()
+
+
+def pickle_only_components(folder: Path) -> list[str]:
+    """The subfolders of a diffusers folder whose weights exist only as pickle files."""
+    found: list[str] = []
+    try:
+        components = sorted(child for child in folder.iterdir() if child.is_dir())
+    except OSError:
+        return found
+    for component in components:
+        try:
+            names = [f.name.lower() for f in component.iterdir() if f.is_file()]
+        except OSError:
+            continue
+        if any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(
+            n.endswith(SAFE_SUFFIXES) for n in names
+        ):
+            found.append(component.name)
+    return found
+
+
+def _check_folder_weights(folder: Path, name: str) -> None:
+    """Without --allow-pickle, a folder with pickle-only weights is refused before loading."""
+    pickled = pickle_only_components(folder)
+    if pickled and current_policy().allow_pickle:
+        require_safe_torch_load()
+    elif pickled:
         raise UnsafeModelFile(
-            f"{path.name} is a pickle-based file ({path.suffix}), which can run arbitrary code when "
-            "loaded; use a .safetensors version, or pass --allow-pickle if you trust where it came from",
+            f"model {name}: the weights of {', '.join(pickled)} exist only as pickle files "
+            "(.bin/.ckpt), which can run arbitrary code when loaded; convert them to .safetensors, "
+            "or pass --allow-pickle if you trust where the model came from",
             "model",
         )
 
@@ -96,24 +199,66 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
+def hub_fetch_allowed() -> bool:
+    """A missing hub file may be downloaded: not offline, and this thread's policy allows it."""
+    return not offline() and current_policy().allow_downloads
+
+
+def downloads_refused(what: str, command: str) -> str:
+    """The message when a hub file is missing and downloading is not allowed here."""
+    if offline():
+        return (
+            f"{what} is not in the local Hugging Face cache (HF_HUB_OFFLINE is set); on a machine "
+            f"with internet run `{command}` (it honours HF_HOME)"
+        )
+    return (
+        f"{what} is not on this machine and this server does not download for its clients; on "
+        f"the server run `{command}`, or restart it with --allow-downloads"
+    )
+
+
 def pretrained(cls: Any, source: ModelSource, **kwargs: Any) -> Any:
     """`cls.from_pretrained` for a folder or a hub id; hub ids from the cache first (no network
-    round trip when the model is already here), downloaded when not and the hub is reachable."""
+    round trip when the model is already here), downloaded when not and allowed (see
+    `load_policy`). Weights load from .safetensors only unless pickle is allowed."""
+    if not current_policy().allow_pickle:
+        kwargs["use_safetensors"] = True
     if source.kind == "folder":
+        _check_folder_weights(Path(source.location), source.name)
         return cls.from_pretrained(source.location, local_files_only=True, **kwargs)
     if source.kind != "hub":
         raise InvalidInput(f"{source.name} is a single file; this loader needs a folder or hub id", "model")
+    snapshot = _cached_snapshot(source.location)
+    if snapshot is not None:
+        _check_folder_weights(snapshot, source.location)
     try:
         return cls.from_pretrained(source.location, local_files_only=True, **kwargs)
-    except (OSError, ValueError):
-        if offline():
-            raise
+    except (OSError, ValueError) as err:
+        if not hub_fetch_allowed():
+            if offline():
+                raise
+            raise ModelNotFound(
+                downloads_refused(f"model {source.location!r}", f"hf download {source.location}"),
+                "model",
+            ) from err
     return cls.from_pretrained(source.location, **kwargs)
 
 
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub model (where its model_index.json is), if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "model_index.json")
+    except Exception:  # a malformed id or an unreadable cache
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
 def hub_config_local(config: str | None) -> bool:
-    """`local_files_only` for a single file's config: a folder, or offline → no network."""
-    return offline() or (config is not None and Path(config).expanduser().is_dir())
+    """`local_files_only` for a single file's config: a folder, offline, or downloads not
+    allowed → no network."""
+    return not hub_fetch_allowed() or (config is not None and Path(config).expanduser().is_dir())
 
 
 @contextlib.contextmanager
@@ -224,11 +369,9 @@ def hub_file(repo: str, file: str, field: str = "model") -> Path:
     try:
         return Path(hf_hub_download(repo, file, local_files_only=True))
     except Exception as err:
-        if offline():
+        if not hub_fetch_allowed():
             raise ModelNotFound(
-                f"{file} of {repo} is not in the local Hugging Face cache; on a machine with "
-                f"internet run `hf download {repo} {file}` (it honours HF_HOME)",
-                field,
+                downloads_refused(f"{file} of {repo}", f"hf download {repo} {file}"), field
             ) from err
     try:
         return Path(hf_hub_download(repo, file))

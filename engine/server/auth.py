@@ -21,6 +21,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from engine.server.errors import ApiError
 
 TOKEN_FILE_NAME = "token"
+# A token chosen by hand must not be guessable; generated ones are 43 characters.
+MIN_TOKEN_CHARS = 16
+MAKE_TOKEN_HINT = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 bearer_scheme = HTTPBearer(
     auto_error=False,
@@ -62,24 +65,51 @@ def _write_private(path: Path, text: str) -> None:
         handle.write(text + "\n")
 
 
+def _check_private(path: Path) -> None:
+    """POSIX: refuse a token file that other users may read (they could then use the service)."""
+    if sys.platform == "win32":
+        return  # no mode bits; the per-user folder's ACL protects it
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError as err:
+        raise TokenError(f"cannot read the token file {path}: {err.strerror or err}") from err
+    if mode & 0o077:
+        raise TokenError(
+            f"the token file {path} can be read by other users (mode {mode:03o}); make it "
+            f"private with `chmod 600 {path}` and start again"
+        )
+
+
+def check_token_strength(token: str, where: str) -> None:
+    if len(token) < MIN_TOKEN_CHARS:
+        raise TokenError(
+            f"{where} is {len(token)} characters long; a token needs at least {MIN_TOKEN_CHARS} "
+            f"(make one with: {MAKE_TOKEN_HINT})"
+        )
+
+
 def _read_token_file(path: Path) -> str:
+    _check_private(path)
     try:
         token = path.read_text(encoding="utf-8").strip()
     except OSError as err:
         raise TokenError(f"cannot read the token file {path}: {err.strerror or err}") from err
     if not token:
         raise TokenError(f"the token file {path} is empty; write a token into it or delete it")
+    check_token_strength(token, f"the token in {path}")
     return token
 
 
 def load_token(token: str | None, token_file: str | Path | None) -> TokenSource:
     """`--token` wins; else `--token-file` (created with a new token if missing); else the
-    per-user default file (reused when present, created otherwise)."""
+    per-user default file (reused when present, created otherwise). A given token needs
+    MIN_TOKEN_CHARS; an existing token file must be private to the user (POSIX: mode 600)."""
     if token is not None:
         if not token.strip():
             raise TokenError("--token is empty; give a non-empty token or leave the flag out")
         if token_file is not None:
             raise TokenError("give either --token or --token-file, not both")
+        check_token_strength(token.strip(), "--token")
         return TokenSource(token.strip(), None, generated=False, explicit=True)
     path = Path(token_file).expanduser() if token_file is not None else default_token_path()
     if path.exists():

@@ -4,6 +4,11 @@ Names from the network never become paths directly: a request's `model` must be 
 id, a name listed from a configured models folder, or the server's own default; a LoRA must
 be a file listed from a configured LoRA folder. Lookups match exact listed names, so no
 `..`, absolute path or symlink trick reaches outside those folders.
+
+Folder listings are kept (`FolderListing`): rescanned when a listed folder changes (its
+mtime) and at least every `RESCAN_S` seconds, not on every health call and request. Without
+`allow_downloads`, a request may only name models whose weights are already on this machine
+(the operator's own default model excepted: fetching it is the operator's choice).
 """
 
 from __future__ import annotations
@@ -11,6 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +26,27 @@ from typing import Any
 from engine.errors import InvalidInput
 from engine.request import EditParams, LoraSpec
 from engine.server import families
+from engine.sources import is_hub_id
 
 log = logging.getLogger(__name__)
+# A listing older than this is redone even when no folder's mtime changed (a file added
+# deep inside a subfolder, or a file system with coarse mtimes); a changed folder at once.
+RESCAN_S = 5.0
+# A name missing from the listing rescans at most this often (a client cannot force a scan
+# per request).
+MISS_RESCAN_S = 1.0
+
+
+def looks_like_local_path(text: str) -> bool:
+    """True when `text` names a file or folder on this machine rather than a hub id."""
+    return not is_hub_id(text) or Path(text).expanduser().exists()
+
+
+def local_model_name(target: str) -> str:
+    """A model's public name: a hub id as it is, a local folder or file by its own name only."""
+    if not looks_like_local_path(target):
+        return target
+    return Path(target.rstrip("/\\")).name or target
 
 
 @dataclass(frozen=True)
@@ -79,13 +106,14 @@ def _weights_suffixes(allow_pickle: bool) -> tuple[str, ...]:
     return SAFE_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
 
 
-def _scan_models_dir(folder: Path, allow_pickle: bool) -> dict[str, Path]:
-    """Diffusers folders (with model_index.json) and single weight files directly inside `folder`."""
+def _scan_models_dir(folder: Path, allow_pickle: bool) -> tuple[dict[str, Path], list[Path]]:
+    """Diffusers folders (with model_index.json) and single weight files directly inside
+    `folder`; and the folders read (whose mtimes tell when to look again)."""
     found: dict[str, Path] = {}
     try:
         children = sorted(folder.iterdir())
     except OSError:
-        return found
+        return found, [folder]
     for child in children:
         if child.name.startswith("."):
             continue
@@ -95,15 +123,18 @@ def _scan_models_dir(folder: Path, allow_pickle: bool) -> dict[str, Path]:
         )
         if is_diffusers_folder or is_weights_file:
             found[child.name] = child.resolve()
-    return found
+    return found, [folder]
 
 
-def _scan_loras_dir(folder: Path) -> dict[str, Path]:
-    """Every .safetensors file below `folder`, named by its path relative to it (with '/')."""
+def _scan_loras_dir(folder: Path) -> tuple[dict[str, Path], list[Path]]:
+    """Every .safetensors file below `folder`, named by its path relative to it (with '/');
+    and every folder walked (a file added anywhere changes one of their mtimes)."""
     found: dict[str, Path] = {}
+    walked: list[Path] = [folder]
     root = folder.resolve()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        walked.extend(Path(dirpath) / d for d in dirnames)
         for filename in sorted(filenames):
             if filename.startswith(".") or not filename.lower().endswith(".safetensors"):
                 continue
@@ -113,11 +144,72 @@ def _scan_loras_dir(folder: Path) -> dict[str, Path]:
             if not resolved.is_relative_to(root):
                 continue
             found[path.relative_to(root).as_posix()] = resolved
-    return found
+    return found, walked
+
+
+def _mtime_ns(folder: Path) -> int | None:
+    try:
+        return folder.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+class FolderListing:
+    """The merged scan of some folders (first folder wins a name), kept until a scanned
+    folder's mtime changes or it is `max_age_s` old. Thread-safe: health runs on the event
+    loop, GET /v1/models in the thread pool."""
+
+    def __init__(
+        self,
+        folders: tuple[Path, ...],
+        scan: Callable[[Path], tuple[dict[str, Path], list[Path]]],
+        max_age_s: float = RESCAN_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.folders = folders
+        self.scan = scan
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self.scans = 0  # how many times the folders were read (tests, diagnostics)
+        self._lock = threading.Lock()
+        self._items: dict[str, Path] | None = None
+        self._stamps: dict[Path, int | None] = {}
+        self._scanned_at = 0.0
+
+    def get(self, max_age_s: float | None = None) -> dict[str, Path]:
+        """The listing, rescanned first when stale (older than `max_age_s`, default the
+        listing's own) or when a folder it read has changed since."""
+        limit = self.max_age_s if max_age_s is None else max_age_s
+        with self._lock:
+            fresh = (
+                self._items is not None
+                and self.clock() - self._scanned_at < limit
+                and all(_mtime_ns(folder) == stamp for folder, stamp in self._stamps.items())
+            )
+            if not fresh:
+                self._rescan()
+            assert self._items is not None
+            return self._items
+
+    def _rescan(self) -> None:
+        items: dict[str, Path] = {}
+        stamps: dict[Path, int | None] = {}
+        started = self.clock()
+        for folder in self.folders:
+            # mtimes are taken after the scan: a change in between shows within max_age_s.
+            found, walked = self.scan(folder)
+            for walked_folder in walked:
+                stamps.setdefault(walked_folder, None)
+            for name, path in found.items():
+                items.setdefault(name, path)
+        for walked_folder in stamps:
+            stamps[walked_folder] = _mtime_ns(walked_folder)
+        self._items, self._stamps, self._scanned_at = items, stamps, started
+        self.scans += 1
 
 
 class ModelCatalog:
-    """The models and LoRAs this server offers; folders are re-read on each listing or miss."""
+    """The models and LoRAs this server offers (folder listings kept by `FolderListing`)."""
 
     def __init__(
         self,
@@ -126,14 +218,23 @@ class ModelCatalog:
         loras_dirs: tuple[Path, ...] = (),
         allow_pickle: bool = False,
         catalogue: list[dict[str, Any]] | None = None,
+        allow_downloads: bool = True,
+        rescan_s: float = RESCAN_S,
     ) -> None:
         self.default_model = default_model
         self.models_dirs = models_dirs
         self.loras_dirs = loras_dirs
         self.allow_pickle = allow_pickle
+        self.allow_downloads = allow_downloads
         self.catalogue = _load_catalogue() if catalogue is None else catalogue
-        # (path, mtime) -> family id: folders are re-read on each listing, files are not.
+        # (path, mtime) -> family id: a model's family is read once per version of it.
         self._family_cache: dict[tuple[str, int], str | None] = {}
+        self._models_listing = FolderListing(
+            models_dirs, lambda folder: _scan_models_dir(folder, allow_pickle), rescan_s
+        )
+        self._loras_listing = FolderListing(loras_dirs, _scan_loras_dir, rescan_s)
+        self._entries_lock = threading.Lock()
+        self._entries: tuple[dict[str, Path], list[ModelEntry]] | None = None
 
     def _local_family(self, path: Path) -> str | None:
         """A folder's family from its model_index.json; a single file's from its weight names
@@ -148,7 +249,14 @@ class ModelCatalog:
             )
         return self._family_cache[key]
 
-    def entries(self) -> list[ModelEntry]:
+    def entries(self, max_age_s: float | None = None) -> list[ModelEntry]:
+        listing = self._models_listing.get(max_age_s)
+        with self._entries_lock:
+            if self._entries is None or self._entries[0] is not listing:
+                self._entries = (listing, self._build_entries(listing))
+            return list(self._entries[1])
+
+    def _build_entries(self, listing: dict[str, Path]) -> list[ModelEntry]:
         entries: dict[str, ModelEntry] = {}
         for item in self.catalogue:
             entries[item["id"]] = ModelEntry(
@@ -163,18 +271,17 @@ class ModelCatalog:
                 or families.family_id_for_architecture(item.get("architecture")),
                 catalogue=item,
             )
-        for folder in self.models_dirs:
-            for name, path in _scan_models_dir(folder, self.allow_pickle).items():
-                entries.setdefault(
-                    name,
-                    ModelEntry(
-                        id=name,
-                        source="models-dir",
-                        target=str(path),
-                        name=name,
-                        family=self._local_family(path),
-                    ),
-                )
+        for name, path in listing.items():
+            entries.setdefault(
+                name,
+                ModelEntry(
+                    id=name,
+                    source="models-dir",
+                    target=str(path),
+                    name=name,
+                    family=self._local_family(path),
+                ),
+            )
         if self.default_model not in entries:
             # The operator's --model (a hub id, folder or file they chose) is always offered.
             local = Path(self.default_model).expanduser()
@@ -205,18 +312,21 @@ class ModelCatalog:
             )
         return in_hf_cache(entry.target)
 
-    def loras(self) -> dict[str, Path]:
-        found: dict[str, Path] = {}
-        for folder in self.loras_dirs:
-            for name, path in _scan_loras_dir(folder).items():
-                found.setdefault(name, path)
-        return found
+    def loras(self, max_age_s: float | None = None) -> dict[str, Path]:
+        return dict(self._loras_listing.get(max_age_s))
+
+    def entry_for_target(self, target: str) -> ModelEntry | None:
+        """The listed entry that loads `target` (a hub id or an absolute path), if any."""
+        return next((entry for entry in self.entries() if entry.target == target), None)
 
     def resolve_model(self, requested: str | None) -> ModelEntry:
         name = self.default_model if requested is None else requested
-        for entry in self.entries():
-            if entry.id == name:
-                return entry
+        # A name not in the kept listing: look again (a model just dropped into a folder),
+        # but not more often than MISS_RESCAN_S.
+        for max_age in (None, MISS_RESCAN_S):
+            for entry in self.entries(max_age):
+                if entry.id == name:
+                    return entry
         raise InvalidInput(
             f"model {name!r} is not offered by this server; GET /v1/models lists the ones that are "
             "(the server's --models-dir folders and the catalogue)",
@@ -230,6 +340,8 @@ class ModelCatalog:
         entry = self.resolve_model(params.model)
         params = families.check_options(params, entry.family)
         families.check_preset(params, entry.id if entry.source == "catalogue" else None)
+        if not self.allow_downloads:
+            self._check_on_this_machine(entry, params.preset)
         if not params.loras:
             return params, entry
         if not self.loras_dirs:
@@ -238,6 +350,8 @@ class ModelCatalog:
                 field="loras",
             )
         available = self.loras()
+        if any(lora.path not in available for lora in params.loras):
+            available = self.loras(MISS_RESCAN_S)  # a LoRA just dropped into a folder
         resolved: list[LoraSpec] = []
         for lora in params.loras:
             path = available.get(lora.path)
@@ -249,3 +363,27 @@ class ModelCatalog:
                 )
             resolved.append(LoraSpec(path=str(path), strength=lora.strength))
         return replace(params, loras=tuple(resolved)), entry
+
+    def _check_on_this_machine(self, entry: ModelEntry, preset_id: str | None) -> None:
+        """Refuse (422 naming the field) a request that would make this server download: a
+        model, or a preset's LoRA, not in the local cache. The operator's default model is
+        theirs to fetch (at start-up, or with the first edit under --no-preload)."""
+        if entry.target != self.default_model and not self.is_available_locally(entry):
+            raise InvalidInput(
+                f"model {entry.id!r} is not on the server's machine, and this server does not "
+                "download models for its clients; on the server run "
+                f"`hf download {entry.target}`, or restart it with --allow-downloads",
+                field="model",
+            )
+        if preset_id is None or entry.source != "catalogue":
+            return
+        preset = families.registry.find_preset(entry.catalogue, preset_id) or {}
+        for lora in preset.get("loras") or []:
+            repo, file = lora.get("repo"), lora.get("file")
+            if isinstance(repo, str) and isinstance(file, str) and not in_hf_cache(repo, file):
+                raise InvalidInput(
+                    f"preset {preset_id!r} needs the LoRA {file} of {repo}, which is not on the "
+                    "server's machine, and this server does not download for its clients; on the "
+                    f"server run `hf download {repo} {file}`, or restart it with --allow-downloads",
+                    field="preset",
+                )

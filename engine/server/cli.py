@@ -20,7 +20,7 @@ from pathlib import Path
 
 from engine.manifest import DEFAULT_MODEL
 from engine.server import settings as defaults
-from engine.server.auth import TokenError, is_loopback, load_token
+from engine.server.auth import TokenError, default_token_path, is_loopback, load_token
 from engine.server.settings import ServerSettings
 
 DEFAULT_PORT = 8765
@@ -33,6 +33,8 @@ _MEMORY_SAVING_PLANS = {
     "offload": "model-offload",
 }
 PARENT_POLL_S = 1.0
+# Exit status when a device worker died or the GPU reported a fatal error (restart the engine).
+EXIT_WORKER_FAILED = 3
 log = logging.getLogger("instruct_edit.serve")
 
 
@@ -60,6 +62,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         type=Path,
         help="file holding the token; created with a new random token (mode 0600) if missing",
+    )
+    net.add_argument(
+        "--allowed-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="a further name clients reach the server by (its Host header); repeatable. "
+        "Requests naming any other host are refused (DNS rebinding). Always accepted: the --host "
+        "address; on loopback 127.0.0.1, localhost and [::1]; on 0.0.0.0/:: any IP address",
     )
     net.add_argument(
         "--tls-cert", metavar="PEM", type=Path, help="TLS certificate (PEM) to serve https"
@@ -90,6 +101,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="folder of LoRA .safetensors files clients may use by name; repeatable",
     )
+    models.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="DIR",
+        help="the engine's state folder: training jobs, trained LoRAs (DIR/loras, always a LoRA "
+        "folder), datasets (default: the folder of the default token file)",
+    )
     models.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N|mps (default auto)")
     models.add_argument(
         "--devices",
@@ -101,6 +119,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "fp32", "fp16", "bf16"),
         help="precision (default auto)",
+    )
+    models.add_argument(
+        "--compile",
+        default="off",
+        choices=("off", "default", "max-autotune", "reduce-overhead"),
+        help="torch.compile the UNet of InstructPix2Pix models (GPU; one warm-up per model, every working size reuses it): default, max-autotune, reduce-overhead (CUDA graphs)",
+    )
+    models.add_argument(
+        "--runtime",
+        default=None,
+        choices=("auto", "torch", "openvino"),
+        help="what runs the networks: auto = OpenVINO on a CPU for InstructPix2Pix models (several times faster; the first use of a model converts it once, cached), else PyTorch",
     )
     models.add_argument(
         "--memory-plan",
@@ -126,6 +156,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--allow-pickle",
         action="store_true",
         help="allow pickle-based .ckpt/.bin models, which can run code when loaded (trusted files only)",
+    )
+    models.add_argument(
+        "--allow-downloads",
+        action="store_true",
+        help="let a request name a hub model (or preset LoRA) that is not in the local Hugging "
+        "Face cache, which the server then downloads; without it such a request is refused. "
+        "The default --model is always fetched when missing (at start-up)",
     )
     models.add_argument(
         "--max-loaded-models",
@@ -177,6 +214,37 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.DEFAULT_MAX_IMAGE_PIXELS,
         help=f"largest image, width × height (default {defaults.DEFAULT_MAX_IMAGE_PIXELS})",
     )
+    limits.add_argument(
+        "--max-variant-pixels",
+        metavar="N",
+        type=int,
+        default=defaults.DEFAULT_MAX_VARIANT_PIXELS,
+        help="largest image pixels × variants of one edit "
+        f"(default {defaults.DEFAULT_MAX_VARIANT_PIXELS}: four 8192² results)",
+    )
+    limits.add_argument(
+        "--max-queued-memory-mb",
+        metavar="MB",
+        type=float,
+        default=defaults.DEFAULT_MAX_QUEUED_MEMORY_MB,
+        help="host memory for waiting and running edits (images, results, working copies; "
+        f"estimated from pixels); more get 429 (default {defaults.DEFAULT_MAX_QUEUED_MEMORY_MB})",
+    )
+    limits.add_argument(
+        "--max-decoding-uploads",
+        metavar="N",
+        type=int,
+        default=defaults.DEFAULT_MAX_DECODING_UPLOADS,
+        help=f"uploads decoded at once (default {defaults.DEFAULT_MAX_DECODING_UPLOADS})",
+    )
+    limits.add_argument(
+        "--max-loras-loaded",
+        metavar="N",
+        type=int,
+        default=defaults.DEFAULT_MAX_LORAS_LOADED,
+        help="LoRA adapters kept loaded per model; the least recently used is unloaded past "
+        f"this (default {defaults.DEFAULT_MAX_LORAS_LOADED})",
+    )
     parser.add_argument(
         "--parent-pid",
         metavar="PID",
@@ -206,6 +274,22 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
         )
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ServeError("--tls-cert and --tls-key go together; give both or neither")
+    if args.allow_pickle:
+        from engine.errors import EngineError
+        from engine.sources import require_safe_torch_load
+
+        try:
+            require_safe_torch_load()
+        except EngineError as err:
+            raise ServeError(err.message) from err
+    from engine.server.middleware import host_name
+
+    for name in args.allowed_host:
+        if host_name(name) is None or "/" in name:
+            raise ServeError(
+                f"--allowed-host {name!r} is not a host name or address (e.g. "
+                "studio.local or 192.168.1.20)"
+            )
     for path in (args.tls_cert, args.tls_key):
         if path is not None and not path.is_file():
             raise ServeError(f"TLS file {path} does not exist")
@@ -228,6 +312,8 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
             model=args.model,
             devices=devices,
             dtype=args.dtype,
+            runtime=args.runtime,
+            compile=args.compile,
             memory_plan=memory_plan,
             quantization=args.quantization,
             allow_pickle=args.allow_pickle,
@@ -239,14 +325,30 @@ def _settings_from_args(args: argparse.Namespace) -> tuple[ServerSettings, str]:
             max_upload_mb=args.max_upload_mb,
             max_image_pixels=args.max_image_pixels,
             max_loaded_models=args.max_loaded_models,
+            max_variant_pixels=args.max_variant_pixels,
+            max_queued_memory_mb=args.max_queued_memory_mb,
+            max_decoding_uploads=args.max_decoding_uploads,
+            max_loras_loaded=args.max_loras_loaded,
             preload=args.preload,
             token_file=source.path.resolve() if source.path is not None else None,
+            host=args.host,
+            allowed_hosts=tuple(args.allowed_host),
+            allow_downloads=args.allow_downloads,
+            data_dir=(args.data_dir or default_token_path().parent).expanduser().resolve(),
         )
     except ValueError as err:
         raise ServeError(str(err)) from err
     if source.path is not None:
         what = "generated a new token in" if source.generated else "token file:"
         print(f"{what} {source.path}", file=sys.stderr, flush=True)
+    if not is_loopback(args.host) and args.tls_cert is None:
+        print(
+            f"warning: serving on {args.host} without TLS: the token and the images cross the "
+            "network readable by anyone on it; use --tls-cert/--tls-key (or a TLS proxy, or an "
+            "SSH tunnel to 127.0.0.1) unless this network is yours alone",
+            file=sys.stderr,
+            flush=True,
+        )
     return settings, "https" if args.tls_cert else "http"
 
 
@@ -338,7 +440,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from engine.server.app import create_app
 
-    _quiet_library_progress_bars()
+    if args.log_level != "debug":
+        from engine.console import quiet_loading_bars
+
+        quiet_loading_bars(keep_download_bars=False)
     app = create_app(settings)
     host, port = sock.getsockname()[:2]
     shown_host = f"[{host}]" if ":" in host else host
@@ -360,6 +465,16 @@ def run_serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     server = AnnouncingServer(config)
+    worker_failures: list[str] = []
+
+    def worker_failed(reason: str) -> None:
+        # A dead worker (or a GPU in a fatal state) cannot recover inside this process: exit
+        # non-zero so that whoever manages the engine (the Krita plugin) starts a fresh one.
+        worker_failures.append(reason)
+        print(f"error: {reason}; exiting so that the engine restarts", file=sys.stderr, flush=True)
+        server.should_exit = True
+
+    app.state.service.pool.on_fatal = worker_failed
     if args.parent_pid is not None:
 
         def parent_gone() -> None:
@@ -377,23 +492,12 @@ def run_serve(args: argparse.Namespace) -> int:
         pass
     finally:
         sock.close()
+    if worker_failures:
+        return EXIT_WORKER_FAILED
     if not server.started:
         print("error: the service failed to start; see the messages above", file=sys.stderr)
         return 1
     return 0
-
-
-def _quiet_library_progress_bars() -> None:
-    """Model loading draws tqdm bars on stderr; a service's log is read by people and the
-    plugin's log view, where they are noise (health reports loading instead)."""
-    try:
-        import diffusers.utils.logging as diffusers_logging
-        import transformers.utils.logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - both come with the engine
-        pass
 
 
 def bind_listening_socket(host: str, port: int) -> socket.socket:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -34,37 +33,55 @@ RESULT_PNG_COMPRESS_LEVEL = 1
 RESULT_PNG_STRATEGY = zlib.Z_RLE
 
 
-def decode_png(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """A fully decoded RGB/RGBA (or, for masks, any mode) image; 422/413 errors name `field`."""
-    if not data:
+def _too_many_pixels(field: str, width: int, height: int, max_pixels: int) -> ApiError:
+    return ApiError(
+        413,
+        f"{field} is {width}×{height} = {width * height} pixels; this server accepts at most "
+        f"{max_pixels} pixels (scale the image down or select a region)",
+        field,
+    )
+
+
+def png_size(data: bytes | memoryview, field: str) -> tuple[int, int]:
+    """(width, height) from a PNG's header (its IHDR chunk), without decoding anything."""
+    head = bytes(data[:24])
+    if not head:
         raise ApiError(422, f"{field} is empty; send a PNG file", field)
-    if not data.startswith(PNG_SIGNATURE):
+    if not head.startswith(PNG_SIGNATURE):
         raise ApiError(
             422, f"{field} is not a PNG file; export the image as PNG and send it again", field
         )
+    if len(head) < 24 or head[12:16] != b"IHDR":
+        raise ApiError(
+            422, f"{field} is not a readable PNG (no IHDR header); export it again", field
+        )
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if width < 1 or height < 1:
+        raise ApiError(422, f"{field} is a PNG of {width}×{height} pixels; export it again", field)
+    return width, height
+
+
+def decode_png(data: bytes | memoryview, field: str, max_pixels: int) -> Image.Image:
+    """A fully decoded RGB/RGBA (or, for masks, any mode) image; 422/413 errors name `field`.
+
+    Safe in several threads at once: the pixel limit is checked from the header here (no
+    `warnings.catch_warnings`, which swaps the process-wide filters and is not thread-safe),
+    and nothing global is changed. Pillow's own bomb guard can only fire when the operator set
+    a limit above Pillow's; its error becomes the same 413."""
+    width, height = png_size(data, field)
+    if width * height > max_pixels:
+        raise _too_many_pixels(field, width, height, max_pixels)
     try:
-        with warnings.catch_warnings():
-            # Pillow's decompression-bomb guard warns (and refuses at twice its limit); both
-            # become our 413 below. Our own pixel limit is checked from the header before decoding.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=["PNG"])
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ApiError(
-                    413,
-                    f"{field} is {width}×{height} = {width * height} pixels; this server accepts at "
-                    f"most {max_pixels} pixels (scale the image down or select a region)",
-                    field,
-                )
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        image = Image.open(io.BytesIO(data), formats=["PNG"])
+        image.load()
+    except Image.DecompressionBombError as err:
         raise ApiError(413, f"{field} has too many pixels to decode safely: {err}", field) from err
-    except ApiError:
-        raise
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ApiError(
             422, f"{field} is not a readable PNG ({err}); export it again", field
         ) from err
+    if image.size != (width, height):  # pragma: no cover - Pillow reads the same header
+        raise ApiError(422, f"{field} is not a readable PNG; export it again", field)
     return image
 
 
@@ -126,12 +143,7 @@ def raw_spec(
         sides.append(int(text))
     width, height = sides
     if width * height > max_pixels:
-        raise ApiError(
-            413,
-            f"{field} is {width}×{height} = {width * height} pixels; this server accepts at most "
-            f"{max_pixels} pixels (scale the image down or select a region)",
-            field,
-        )
+        raise _too_many_pixels(field, width, height, max_pixels)
     return RawSpec(fmt, width, height)
 
 
@@ -158,6 +170,49 @@ def decode_raw(data: bytes | memoryview, spec: RawSpec, field: str) -> Image.Ima
     return Image.frombytes("RGBA", size, data, "raw", source_order + "A")
 
 
+@dataclass(frozen=True)
+class DeclaredUpload:
+    """An uploaded part's size as its header declares it (the raw part's Content-Type, or the
+    PNG's IHDR), known before any pixel is decoded."""
+
+    field: str
+    width: int
+    height: int
+    raw: RawSpec | None  # None: a PNG
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def declared_upload(
+    data: bytes | memoryview,
+    content_type: str | None,
+    field: str,
+    max_pixels: int,
+    raw_formats: tuple[str, ...],
+) -> DeclaredUpload:
+    """A part's declared layout: raw when its Content-Type says so, else a PNG (sniffed by its
+    signature, so old clients sending application/octet-stream keep working). Over
+    `max_pixels` is a 413 and an unreadable header a 422, both naming `field`."""
+    spec = raw_spec(content_type, field, raw_formats, max_pixels)
+    if spec is not None:
+        return DeclaredUpload(field, spec.width, spec.height, spec)
+    width, height = png_size(data, field)
+    if width * height > max_pixels:
+        raise _too_many_pixels(field, width, height, max_pixels)
+    return DeclaredUpload(field, width, height, None)
+
+
+def decode_declared(
+    data: bytes | memoryview, declared: DeclaredUpload, max_pixels: int
+) -> Image.Image:
+    """Decode a part whose header `declared_upload` read. Thread-safe (see decode_png)."""
+    if declared.raw is not None:
+        return decode_raw(data, declared.raw, declared.field)
+    return decode_png(data, declared.field, max_pixels)
+
+
 def decode_upload(
     data: bytes | memoryview,
     content_type: str | None,
@@ -165,12 +220,9 @@ def decode_upload(
     max_pixels: int,
     raw_formats: tuple[str, ...],
 ) -> Image.Image:
-    """A part as an image: raw when its Content-Type says so, else a PNG (sniffed by signature,
-    so old clients sending application/octet-stream keep working)."""
-    spec = raw_spec(content_type, field, raw_formats, max_pixels)
-    if spec is not None:
-        return decode_raw(data, spec, field)
-    return decode_png(bytes(data), field, max_pixels)
+    """A part as an image (its header checked first, then decoded)."""
+    declared = declared_upload(data, content_type, field, max_pixels, raw_formats)
+    return decode_declared(data, declared, max_pixels)
 
 
 def to_edit_mode(image: Image.Image) -> Image.Image:

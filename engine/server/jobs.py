@@ -29,6 +29,47 @@ FETCHED_GRACE_S = 30.0
 # Finished jobs' records (small: no images) are kept up to this many, then the oldest go.
 MAX_FINISHED_RECORDS = 10_000
 
+# Host memory of an edit, per pixel of its image. The decoded input (Pillow keeps RGB as 4
+# bytes) and its mask (1); each result as 8-bit pixels (4), kept from the moment it is produced;
+# and the Editor's float working copies while it runs (prepared input, alpha, mask weights,
+# one variant being brought back to full size): measured as the peak RSS growth of the real
+# Editor's edit, RGBA with a mask, 94 bytes per pixel at 2048² and 101 at 1024² (73 for RGB
+# without alpha or mask); tests/server/test_memory_budget.py checks that the estimate stays
+# above what the Editor takes.
+INPUT_BYTES_PER_PIXEL = 5
+RESULT_BYTES_PER_PIXEL = 4
+WORKING_BYTES_PER_PIXEL = 112
+
+
+@dataclass(frozen=True)
+class JobMemory:
+    """The host memory one edit is expected to take, from its pixel count and variants."""
+
+    pixels: int
+    variants: int
+
+    @property
+    def held(self) -> int:
+        """Held from acceptance to the end: the input, the mask and the results."""
+        return self.pixels * (INPUT_BYTES_PER_PIXEL + RESULT_BYTES_PER_PIXEL * self.variants)
+
+    @property
+    def working(self) -> int:
+        """Taken only while a worker runs it."""
+        return self.pixels * WORKING_BYTES_PER_PIXEL
+
+    @property
+    def peak(self) -> int:
+        return self.held + self.working
+
+
+# How far ahead a growing upload body is counted (see Admission.grow_body).
+BODY_RESERVE_STEP_BYTES = 4 * 2**20
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.0f} MiB"
+
 
 @dataclass
 class StoredResult:
@@ -84,6 +125,8 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     version: int = 0
     listeners: list[Callable[[], None]] = field(default_factory=list)
+    # What it counts against the queued-memory budget (None: worked out from the image).
+    memory: JobMemory | None = None
 
     @property
     def result_bytes(self) -> int:
@@ -109,8 +152,60 @@ class QueueFull(ApiError):
         )
 
 
+class MemoryBusy(ApiError):
+    def __init__(self, in_use: int, budget: int, retry_after_s: int) -> None:
+        super().__init__(
+            429,
+            f"the server's memory for waiting and running edits is in use ({_mib(in_use)} of "
+            f"{_mib(budget)}: their images, results and working copies); try again in about "
+            f"{retry_after_s} s",
+            None,
+            headers={"Retry-After": str(retry_after_s)},
+        )
+
+
+class Admission:
+    """A place in the queue (and a share of the memory budget) held for one upload while its
+    body is read and decoded, taken before the body is read. `JobQueue.submit(job, admission)`
+    hands it to the job; `release()` (or leaving the `with` block) gives it back otherwise."""
+
+    def __init__(self, queue: JobQueue, body_bytes: int) -> None:
+        self._queue = queue
+        self.body_bytes = body_bytes  # the request body, in memory until the job is queued
+        self.memory: JobMemory | None = None  # the edit's, once its header is read
+
+    @property
+    def held(self) -> int:
+        return self.body_bytes + (self.memory.held if self.memory is not None else 0)
+
+    def expect(self, memory: JobMemory) -> None:
+        """The edit's size is known (from the headers, before decoding): count it, or raise
+        413 (it can never fit the budget) / 429 (it does not fit now)."""
+        self._queue._expect(self, memory)
+
+    def grow_body(self, nbytes: int) -> None:
+        """The body has grown to `nbytes` (an upload without Content-Length, or a longer one
+        than declared): count it, or raise like `JobQueue.admit`."""
+        if nbytes > self.body_bytes:
+            self._queue._grow_body(self, nbytes)
+
+    def release(self) -> None:
+        self._queue._release_admission(self)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class JobQueue:
-    """Bounded FIFO of queued jobs + the records of running and finished ones."""
+    """Bounded FIFO of queued jobs + the records of running and finished ones.
+
+    Memory budget: the jobs not yet finished (queued and running) and the uploads being read
+    count against `memory_budget_bytes`: each one's input, mask and results, plus the working
+    copies of as many of them as there are workers (the largest ones: a worker runs one at a
+    time). None: no budget."""
 
     def __init__(
         self,
@@ -118,16 +213,21 @@ class JobQueue:
         result_ttl_s: float,
         result_memory_bytes: int,
         clock: Callable[[], float] = time.monotonic,
+        memory_budget_bytes: int | None = None,
     ) -> None:
         self.capacity = capacity
         self.result_ttl_s = result_ttl_s
         self.result_memory_bytes = result_memory_bytes
+        self.memory_budget_bytes = memory_budget_bytes
         self._clock = clock
         self._lock = threading.Lock()
         # Readers that need a consistent view of a job (status answers) hold this too.
         self.lock = self._lock
         self._work_ready = threading.Condition(self._lock)
         self._queued: deque[Job] = deque()
+        # Queued and running jobs (what the memory budget counts), and uploads being read.
+        self._active: dict[str, Job] = {}
+        self._admissions: list[Admission] = []
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._stored_bytes = 0
         # Jobs whose results are in memory, oldest finished first (what sweeps look at).
@@ -142,15 +242,113 @@ class JobQueue:
     def new_id(self) -> str:
         return secrets.token_urlsafe(12)
 
-    def submit(self, job: Job) -> None:
+    def admit(self, body_bytes: int = 0) -> Admission:
+        """Hold a place for an upload before its body is read: 429 when the queue (counting
+        the uploads already being read) is full or the memory budget has no room for the body;
+        413 when the body alone is larger than the budget."""
         with self._lock:
-            if len(self._queued) >= self.capacity:
-                raise QueueFull(self.capacity, self._retry_after_locked())
+            self._check_room_locked(body_bytes)
+            admission = Admission(self, body_bytes)
+            self._admissions.append(admission)
+            return admission
+
+    def _check_room_locked(self, body_bytes: int) -> None:
+        if len(self._queued) + len(self._admissions) >= self.capacity:
+            raise QueueFull(self.capacity, self._retry_after_locked())
+        budget = self.memory_budget_bytes
+        if budget is None:
+            return
+        if body_bytes > budget:
+            raise ApiError(
+                413,
+                f"the upload ({_mib(body_bytes)}) is larger than this server's memory budget for "
+                f"edits ({_mib(budget)}); send a smaller image or start the server with a larger "
+                "--max-queued-memory-mb",
+                "image",
+            )
+        in_use = self._memory_in_use_locked()
+        if in_use + body_bytes > budget:
+            raise MemoryBusy(in_use, budget, self._retry_after_locked())
+
+    def _expect(self, admission: Admission, memory: JobMemory) -> None:
+        with self._lock:
+            budget = self.memory_budget_bytes
+            if budget is not None and memory.peak > budget:
+                raise ApiError(
+                    413,
+                    f"an edit of {memory.pixels} pixels with {memory.variants} variant(s) needs "
+                    f"about {_mib(memory.peak)} of host memory; this server allows {_mib(budget)} "
+                    "(--max-queued-memory-mb); send a smaller image (or select a region) or ask "
+                    "for fewer variants",
+                    "image" if memory.variants == 1 else "variants",
+                )
+            previous = admission.memory
+            admission.memory = memory
+            if budget is not None and self._memory_in_use_locked() > budget:
+                admission.memory = previous
+                raise MemoryBusy(self._memory_in_use_locked(), budget, self._retry_after_locked())
+
+    def _grow_body(self, admission: Admission, nbytes: int) -> None:
+        with self._lock:
+            budget = self.memory_budget_bytes
+            # Reserved a step ahead, so a long chunked upload takes the lock now and then only.
+            wanted = nbytes + BODY_RESERVE_STEP_BYTES
+            if budget is not None:
+                if nbytes > budget:
+                    raise ApiError(
+                        413,
+                        f"the upload (over {_mib(nbytes)}) is larger than this server's memory "
+                        f"budget for edits ({_mib(budget)}); send a smaller image",
+                        "image",
+                    )
+                in_use = self._memory_in_use_locked() - admission.body_bytes
+                if in_use + nbytes > budget:
+                    raise MemoryBusy(in_use, budget, self._retry_after_locked())
+                wanted = min(wanted, budget - in_use)
+            admission.body_bytes = max(nbytes, wanted)
+
+    def _release_admission(self, admission: Admission) -> None:
+        with self._lock, contextlib.suppress(ValueError):
+            self._admissions.remove(admission)
+
+    def submit(self, job: Job, admission: Admission | None = None) -> None:
+        """Queue `job`. With an `admission` (from `admit`), its place and memory become the
+        job's; without one, the capacity and the memory budget are checked now."""
+        if job.memory is None:
+            pixels = job.image.width * job.image.height if job.image is not None else 0
+            job.memory = JobMemory(pixels, job.params.variants)
+        with self._lock:
+            if admission is not None and admission in self._admissions:
+                self._admissions.remove(admission)
+            else:
+                self._check_room_locked(0)
+                budget = self.memory_budget_bytes
+                if budget is not None and self._memory_in_use_locked(job.memory) > budget:
+                    raise MemoryBusy(
+                        self._memory_in_use_locked(), budget, self._retry_after_locked()
+                    )
             # Until the editor reports its own count (None: the model's recommended steps).
             job.total = job.params.steps or 0
             self._jobs[job.id] = job
+            self._active[job.id] = job
             self._queued.append(job)
             self._work_ready.notify()
+
+    def _memory_in_use_locked(self, extra: JobMemory | None = None) -> int:
+        memories = [job.memory for job in self._active.values() if job.memory is not None]
+        memories += [a.memory for a in self._admissions if a.memory is not None]
+        if extra is not None:
+            memories.append(extra)
+        held = sum(memory.held for memory in memories)
+        held += sum(admission.body_bytes for admission in self._admissions)
+        # Each worker runs one edit at a time: the largest ones' working copies can coexist.
+        working = sorted((memory.working for memory in memories), reverse=True)
+        return held + sum(working[: max(self.workers, 1)])
+
+    @property
+    def memory_in_use(self) -> int:
+        with self._lock:
+            return self._memory_in_use_locked()
 
     def next_job(self, timeout: float | None = None) -> Job | None:
         """Block until a job is queued (then mark it running) or `timeout`/close; None if none."""
@@ -233,6 +431,7 @@ class JobQueue:
         job.state = state
         job.finished_mono = self._clock()
         job.finished_at = time.time()
+        self._active.pop(job.id, None)
         # The inputs are no longer needed; drop them now rather than with the record.
         job.image = job.mask = None
         job.preview_b64 = None
@@ -414,6 +613,8 @@ class JobQueue:
                 "capacity": self.capacity,
                 "stored_result_bytes": self._stored_bytes,
                 "result_memory_limit_bytes": self.result_memory_bytes,
+                "edit_memory_bytes": self._memory_in_use_locked(),
+                "edit_memory_limit_bytes": self.memory_budget_bytes or 0,
             }
 
     @property

@@ -1,4 +1,5 @@
-"""ASGI middleware that acts before a request body is read: the token gate and the upload limit.
+"""ASGI middleware that acts before a request body is read: the Host check, the token gate and
+the upload limit.
 
 Checking here (rather than in FastAPI dependencies, which run after the multipart body is
 parsed) means a client without the token, or with an oversized upload, costs the server no
@@ -7,15 +8,18 @@ parsing and no temporary files.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from engine.server.auth import token_matches
+from engine.server.auth import is_loopback, token_matches
 
 PUBLIC_PATHS = frozenset({"/v1/health"})
+LOOPBACK_NAMES = frozenset({"localhost"})
+WILDCARD_ADDRESSES = frozenset({"0.0.0.0", "::", ""})
 
 
 async def _send_error(
@@ -39,6 +43,80 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def host_name(header: str) -> str | None:
+    """The name in a Host header (`name`, `name:port`, `[v6]`, `[v6]:port`), lower case and
+    without brackets or a trailing dot; None when it is not of that shape."""
+    text = header.strip().lower()
+    if text.startswith("["):
+        name, bracket, port = text[1:].partition("]")
+        if not bracket or (port and not (port[:1] == ":" and port[1:].isdigit())):
+            return None
+        return name or None
+    name, colon, port = text.partition(":")
+    if colon and not (port.isascii() and port.isdigit()):
+        return None
+    name = name.rstrip(".")
+    return name or None
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+class HostCheck:
+    """421 for a request whose Host header is not a name of this server.
+
+    A web page cannot read answers from another site, unless its own name comes to point at
+    this server (DNS rebinding): then its requests carry the page's name in Host. So only the
+    bound address and names the operator listed pass: on loopback, 127.0.0.1, localhost and
+    [::1] (any port); bound to a wildcard (0.0.0.0, ::), any IP address; else the bound
+    address. An IP address never comes from a rebinding page, a name might."""
+
+    def __init__(self, app: ASGIApp, bound: str, allowed: tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.bound = bound.strip("[]").lower()
+        self.allowed = frozenset(
+            name for name in (host_name(item) for item in allowed) if name is not None
+        )
+
+    def accepts(self, name: str) -> bool:
+        if name in self.allowed or name == self.bound:
+            return True
+        address, bound_address = _ip(name), _ip(self.bound)
+        if is_loopback(self.bound):
+            return name in LOOPBACK_NAMES or (address is not None and address.is_loopback)
+        if self.bound in WILDCARD_ADDRESSES:
+            return address is not None or name in LOOPBACK_NAMES
+        return address is not None and address == bound_address
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"host")
+        name = host_name(given) if given is not None else None
+        if name is not None and self.accepts(name):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":  # no route uses one; refuse without an HTTP body
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        shown = "no Host header" if given is None else f"the Host header {given[:100]!r}"
+        await _send_error(
+            send,
+            421,
+            f"{shown} does not name this server, so the request is refused (a web page whose "
+            "name was made to point here could otherwise read it). Use the address the server "
+            f"listens on ({self.bound or 'its IP address'}), or, if clients reach it by another "
+            "name, start it with --allowed-host NAME",
+            "Host",
+            {},
+        )
 
 
 class TokenGate:

@@ -9,6 +9,7 @@ boundaries with `bytes.find` (measured in benchmarks/bench_service.py). The body
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -20,6 +21,12 @@ from engine.server.images import parse_media_type
 
 MAX_PARTS = 16
 MAX_HEADER_BYTES = 16 * 1024
+# How much of the body's beginning `read_body` shows its `inspect` callback: enough for the
+# params part (at most 64 KiB) and the image part's headers and first bytes (a PNG's header).
+HEAD_SCAN_BYTES = 256 * 1024
+# A request refused before its body was read still has its body received and dropped up to
+# this size (see refuse_unread); a larger one is not read, and its connection is closed.
+DRAIN_LIMIT_BYTES = 16 * 1024 * 1024
 FORM_HINT = (
     "send multipart/form-data with the parts image, params and optionally mask and preview_every"
 )
@@ -31,6 +38,7 @@ class Part:
     filename: str | None
     content_type: str | None
     data: memoryview  # a view into the request body: no copy
+    complete: bool = True  # False: the body was cut short inside this part (peek_parts)
 
     def text(self) -> str:
         try:
@@ -39,21 +47,65 @@ class Part:
             raise ApiError(422, f"{self.name} is not UTF-8 text", self.name) from err
 
 
-async def read_body(request: Request) -> bytearray:
-    """The whole body, in one buffer sized from Content-Length when the client declared it."""
+def declared_length(request: Request) -> int | None:
     declared = request.headers.get("content-length", "")
-    known = declared.isascii() and declared.isdigit()  # ASCII only: int("²") would raise
-    buffer = bytearray(int(declared)) if known else bytearray()
-    filled = 0
+    # ASCII only: int("²") would raise
+    return int(declared) if declared.isascii() and declared.isdigit() else None
+
+
+def _drains(request: Request) -> bool:
+    declared = declared_length(request)
+    return declared is not None and declared <= DRAIN_LIMIT_BYTES
+
+
+async def refuse_unread(request: Request, err: ApiError) -> ApiError:
+    """Prepare `err` to be the answer to a request whose body has not been read. A small body
+    is received and dropped chunk by chunk (no memory kept): the connection stays usable and
+    the client, which may write its whole body before it reads, surely gets the answer. A
+    larger one is left unread and the connection closed after the answer."""
+    if _drains(request):
+        async for _ in request.stream():
+            pass
+    else:
+        err.headers.setdefault("Connection", "close")
+    return err
+
+
+async def read_body(
+    request: Request,
+    inspect: Callable[[bytes], bool] | None = None,
+    on_grow: Callable[[int], None] | None = None,
+) -> bytearray:
+    """The whole body, in one buffer grown as the bytes arrive (never sized up front from
+    Content-Length: a zero-filled buffer of the declared size would take that much memory
+    before a byte has arrived, and a refused upload would cost it anyway).
+
+    `inspect`, when given, is shown the body's first bytes (up to HEAD_SCAN_BYTES) after each
+    chunk until it returns True. An ApiError it raises refuses the request before its pixels
+    are kept: the rest is dropped as it arrives (bodies up to DRAIN_LIMIT_BYTES) or not read
+    at all (larger ones; the answer then closes the connection), see `refuse_unread`.
+    `on_grow` is told the body's length after each chunk (it may refuse the same way)."""
+    buffer = bytearray()
+    inspected = inspect is None
+    refusal: ApiError | None = None
+    drains = _drains(request)
     async for chunk in request.stream():
-        end = filled + len(chunk)
-        if end <= len(buffer):
-            buffer[filled:end] = chunk
-        else:  # undeclared (chunked) or longer than declared: grow
-            del buffer[filled:]
-            buffer += chunk
-        filled = end
-    del buffer[filled:]
+        if refusal is not None:
+            continue  # received and dropped
+        seen_before = len(buffer)
+        buffer += chunk
+        try:
+            if on_grow is not None:
+                on_grow(len(buffer))
+            if not inspected and seen_before < HEAD_SCAN_BYTES:
+                inspected = inspect(bytes(buffer[:HEAD_SCAN_BYTES]))  # type: ignore[misc]
+        except ApiError as err:
+            if not drains:
+                err.headers.setdefault("Connection", "close")
+                raise
+            refusal, buffer = err, bytearray()
+    if refusal is not None:
+        raise refusal
     return buffer
 
 
@@ -82,14 +134,28 @@ def _urlencoded(body: bytes) -> dict[str, Part]:
     return parts
 
 
+def peek_parts(content_type: str | None, head: bytes) -> dict[str, Part]:
+    """The parts that the beginning `head` of a body already shows: whole ones, and the one it
+    is cut short in (`complete=False`, its data so far) once that part's headers are in.
+    Anything malformed ends the peek quietly: the full parse of the whole body reports it."""
+    try:
+        return _split(content_type, head, partial=True)
+    except (ApiError, ValueError):
+        return {}
+
+
 def parse_multipart(content_type: str | None, body: bytes | bytearray) -> dict[str, Part]:
     """The parts by name. Malformed bodies, parts without a name, and a name sent twice are
     a 422 (naming the part where there is one)."""
+    return _split(content_type, body, partial=False)
+
+
+def _split(content_type: str | None, body: bytes | bytearray, partial: bool) -> dict[str, Part]:
     media_type, params = parse_media_type(content_type)
     if media_type == "application/x-www-form-urlencoded":
         # Text fields only (no image can come this way); parsed so the answer names what is
         # missing, as for a multipart body.
-        return _urlencoded(bytes(body))
+        return {} if partial else _urlencoded(bytes(body))
     boundary = params.get("boundary", "")
     if media_type != "multipart/form-data" or not 0 < len(boundary) <= 200:
         raise ApiError(422, f"the request body is not multipart/form-data; {FORM_HINT}")
@@ -100,6 +166,8 @@ def parse_multipart(content_type: str | None, body: bytes | bytearray) -> dict[s
         pos = len(dash)
     else:  # a preamble before the first boundary
         found = body.find(delimiter)
+        if found < 0 and partial:
+            return {}
         if found < 0:
             raise ApiError(422, f"the multipart body has no boundary line; {FORM_HINT}")
         pos = found + len(delimiter)
@@ -109,14 +177,22 @@ def parse_multipart(content_type: str | None, body: bytes | bytearray) -> dict[s
             return parts  # the closing delimiter
         line_end = body.find(b"\r\n", pos)
         head_end = body.find(b"\r\n\r\n", line_end) if line_end >= 0 else -1
+        if head_end < 0 and partial:
+            return parts
         if head_end < 0 or head_end - line_end > MAX_HEADER_BYTES:
             raise ApiError(422, f"the multipart body is truncated or malformed; {FORM_HINT}")
         headers = _headers(bytes(body[line_end + 2 : head_end]))
         data_start = head_end + 4
         data_end = body.find(delimiter, data_start)
-        if data_end < 0:
+        complete = data_end >= 0
+        if not complete and partial:
+            data_end = len(body)
+        elif not complete:
             raise ApiError(422, f"the multipart body ends before its closing boundary; {FORM_HINT}")
-        _, options = parse_options_header(headers.get("content-disposition", ""))
+        # As bytes: python-multipart re-encodes a str value as latin-1, which fails on a
+        # non-latin-1 name; bytes keep the name's UTF-8 bytes, decoded below.
+        disposition = headers.get("content-disposition", "").encode("utf-8")
+        _, options = parse_options_header(disposition)
         name = options.get(b"name")
         if not name:
             raise ApiError(422, f"a part has no name in its Content-Disposition; {FORM_HINT}")
@@ -131,5 +207,8 @@ def parse_multipart(content_type: str | None, body: bytes | bytearray) -> dict[s
             filename=filename.decode("utf-8", "replace") if filename is not None else None,
             content_type=headers.get("content-type"),
             data=view[data_start:data_end],
+            complete=complete,
         )
+        if not complete:
+            return parts
         pos = data_end + len(delimiter)

@@ -5,30 +5,42 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from engine.errors import InvalidInput
 from engine.request import MAX_STEPS, EditParams
-from engine.server.auth import is_loopback, require_token
+from engine.server.auth import is_loopback, require_token, token_matches
+from engine.server.catalog import ModelEntry
 from engine.server.errors import ApiError
 from engine.server.images import (
     IMAGE_RAW_FORMATS,
     MASK_RAW_FORMATS,
     RAW_MEDIA_TYPE,
-    decode_upload,
+    DeclaredUpload,
+    declared_upload,
+    decode_declared,
     encode_png,
     encode_raw,
+    parse_media_type,
     raw_media_type,
     to_edit_mode,
 )
-from engine.server.jobs import Job
-from engine.server.multipart import parse_multipart, read_body
+from engine.server.jobs import RESULT_BYTES_PER_PIXEL, Admission, Job, JobMemory
+from engine.server.multipart import (
+    Part,
+    declared_length,
+    parse_multipart,
+    peek_parts,
+    read_body,
+    refuse_unread,
+)
 from engine.server.schema import (
     ErrorResponse,
     Health,
@@ -40,6 +52,8 @@ from engine.server.service import Service
 
 FORM_FIELDS = frozenset({"image", "mask", "params", "preview_every"})
 INLINE_DECODE_BYTES = 64 * 1024
+# Images up to this many pixels (image + mask) decode on the event loop (~1 ms).
+INLINE_DECODE_PIXELS = 256 * 256
 MAX_PARAMS_CHARS = 64 * 1024
 RESULT_INLINE_PIXELS = 256 * 256
 
@@ -145,7 +159,12 @@ protected = APIRouter(prefix="/v1", dependencies=[Depends(require_token)], tags=
 )
 async def health(request: Request, service: ServiceDep) -> Health:
     client = request.client.host if request.client is not None else ""
-    return service.health(local_client=is_loopback(client))
+    # No token needed; one sent (and right) shows the model load errors in full.
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    authenticated = scheme.lower() == "bearer" and token_matches(
+        given.strip(), service.settings.token
+    )
+    return service.health(local_client=is_loopback(client), authenticated=authenticated)
 
 
 @protected.get(
@@ -159,17 +178,8 @@ def models(service: ServiceDep) -> ModelsResponse:
 
 
 def _parse_params(text: str) -> EditParams:
-    try:
-        data = json.loads(text)
-    except ValueError as err:
-        raise ApiError(
-            422, f"params is not valid JSON ({err}); send a JSON object", "params"
-        ) from err
-    if not isinstance(data, dict):
-        raise ApiError(
-            422, 'params must be a JSON object such as {"instruction": "make it evening"}', "params"
-        )
-    return EditParams.from_dict(data)
+    # InvalidInput (422) for bad JSON, too deep nesting and every field's type and range.
+    return EditParams.from_json(text)
 
 
 def _preview_every(text: str | None) -> int:
@@ -185,6 +195,116 @@ def _preview_every(text: str | None) -> int:
     return int(value)
 
 
+class _DecodeSlots:
+    """At most `limit` uploads decode at once (each holds its body and its decoded pixels
+    meanwhile). An asyncio semaphore per event loop: a TestClient and a server may run the same
+    app on different loops, and an asyncio primitive must only be used on its own loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+
+    def get(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._semaphore is None or self._loop is not loop:
+            self._loop, self._semaphore = loop, asyncio.Semaphore(self.limit)
+        return self._semaphore
+
+
+def _decode_slots(request: Request, service: Service) -> asyncio.Semaphore:
+    slots = getattr(request.app.state, "decode_slots", None)
+    if slots is None:
+        slots = request.app.state.decode_slots = _DecodeSlots(service.settings.max_decoding_uploads)
+    return slots.get()
+
+
+class _EditUpload:
+    """The checks of one POST /v1/edits that need no decoded pixel, made as soon as the parts
+    they read have arrived (often before the image's pixels have: see `read_body`): the
+    params, the image's declared size against the pixel limits and the memory budget."""
+
+    def __init__(self, service: Service, admission: Admission) -> None:
+        self.service = service
+        self.admission = admission
+        self.params: EditParams | None = None
+        self.model: ModelEntry | None = None
+        self.image: DeclaredUpload | None = None
+
+    def check_params(self, parts: dict[str, Part]) -> None:
+        if self.params is not None:
+            return
+        params_text = parts["params"].text()
+        if len(params_text) > MAX_PARAMS_CHARS:
+            raise ApiError(422, f"params is longer than {MAX_PARAMS_CHARS} characters", "params")
+        try:
+            self.params, self.model = self.service.catalog.resolve_params(
+                _parse_params(params_text)
+            )
+        except InvalidInput as err:
+            raise ApiError(422, err.message, err.field) from err
+
+    def check_image(self, image_part: Part) -> None:
+        if self.image is not None:
+            return
+        assert self.params is not None
+        settings = self.service.settings
+        image = declared_upload(
+            image_part.data,
+            image_part.content_type,
+            "image",
+            settings.max_image_pixels,
+            IMAGE_RAW_FORMATS,
+        )
+        variants = self.params.variants
+        total = image.pixels * variants
+        if total > settings.max_variant_pixels:
+            most = max(1, settings.max_variant_pixels // image.pixels)
+            raise ApiError(
+                413,
+                f"variants: {variants} variants of a {image.width}×{image.height} image are "
+                f"{total} result pixels; this server makes at most {settings.max_variant_pixels} "
+                f"per edit; ask for at most {most} variant(s), or send a smaller image",
+                "variants",
+            )
+        result_bytes = total * RESULT_BYTES_PER_PIXEL
+        if variants > 1 and result_bytes > settings.result_memory_bytes:
+            most = max(1, settings.result_memory_bytes // (image.pixels * RESULT_BYTES_PER_PIXEL))
+            raise ApiError(
+                413,
+                f"variants: {variants} results of {image.width}×{image.height} take "
+                f"{result_bytes / 2**20:.0f} MiB, more than the {settings.result_memory_mb:g} MiB "
+                f"this server keeps (--result-memory-mb); ask for at most {most} variant(s), or "
+                "send a smaller image",
+                "variants",
+            )
+        self.admission.expect(JobMemory(image.pixels, variants))
+        self.image = image
+
+    def inspect_head(self, content_type: str | None) -> Callable[[bytes], bool]:
+        """For `read_body`: True once the params and the image's header have been checked."""
+
+        def inspect(head: bytes) -> bool:
+            parts = peek_parts(content_type, head)
+            params, image = parts.get("params"), parts.get("image")
+            if params is None or not params.complete or image is None:
+                return False
+            if image.complete or len(image.data) >= PNG_HEADER_BYTES or _is_raw(image):
+                self.check_params(parts)
+                self.check_image(image)
+                return True
+            return False
+
+        return inspect
+
+
+PNG_HEADER_BYTES = 24  # signature + IHDR's width and height
+
+
+def _is_raw(part: Part) -> bool:
+    return parse_media_type(part.content_type)[0] == RAW_MEDIA_TYPE
+
+
 @protected.post(
     "/edits",
     status_code=202,
@@ -194,10 +314,39 @@ def _preview_every(text: str | None) -> int:
     openapi_extra={"requestBody": EDIT_REQUEST_BODY},
 )
 async def submit_edit(request: Request, service: ServiceDep) -> JobAccepted:
-    # The body is read and split here (engine.server.multipart), not by FastAPI's form
-    # parameters: a large raw upload then costs no temporary file and no extra copy.
-    body = await read_body(request)
+    # A place in the queue and the body's share of the memory budget are taken before a byte
+    # of the body is kept: a full queue answers 429 at once (multipart.refuse_unread).
     content_type = request.headers.get("content-type")
+    try:
+        admission = service.queue.admit(declared_length(request) or 0)
+    except ApiError as err:
+        raise await refuse_unread(request, err) from None
+    with admission:
+        upload = _EditUpload(service, admission)
+        # The body is read and split here (engine.server.multipart), not by FastAPI's form
+        # parameters: a large raw upload then costs no temporary file and no extra copy. The
+        # checks that need only headers run as soon as those have arrived.
+        body = await read_body(
+            request, upload.inspect_head(content_type), on_grow=admission.grow_body
+        )
+        job = await _job_from_body(request, service, upload, content_type, body)
+        del body
+        service.queue.submit(job, admission)
+    return JobAccepted(
+        id=job.id,
+        state=job.state.value,  # type: ignore[arg-type]
+        status_url=f"/v1/edits/{job.id}",
+        events_url=f"/v1/edits/{job.id}/events",
+    )
+
+
+async def _job_from_body(
+    request: Request,
+    service: Service,
+    upload: _EditUpload,
+    content_type: str | None,
+    body: bytearray,
+) -> Job:
     if len(body) <= INLINE_DECODE_BYTES:
         parts = parse_multipart(content_type, body)
     else:  # splitting tens of MiB takes milliseconds: not on the event loop
@@ -212,60 +361,56 @@ async def submit_edit(request: Request, service: ServiceDep) -> JobAccepted:
     for required in ("image", "params"):
         if required not in parts:
             raise ApiError(422, f"{required}: the part is missing", required)
-    params_text = parts["params"].text()
-    if len(params_text) > MAX_PARAMS_CHARS:
-        raise ApiError(422, f"params is longer than {MAX_PARAMS_CHARS} characters", "params")
+    upload.check_params(parts)
+    # Read from the whole body: the part may come after the image.
     preview_every = _preview_every(
         parts["preview_every"].text() if "preview_every" in parts else None
     )
-    try:
-        edit_params, model = service.catalog.resolve_params(_parse_params(params_text))
-    except InvalidInput as err:
-        raise ApiError(422, err.message, err.field) from err
-    max_pixels = service.settings.max_image_pixels
     image_part, mask_part = parts["image"], parts.get("mask")
-
-    def decode() -> tuple[Any, Any]:
-        picture = to_edit_mode(
-            decode_upload(
-                image_part.data, image_part.content_type, "image", max_pixels, IMAGE_RAW_FORMATS
-            )
+    upload.check_image(image_part)
+    image = upload.image
+    assert image is not None and upload.params is not None and upload.model is not None
+    max_pixels = service.settings.max_image_pixels
+    mask = None
+    if mask_part is not None:
+        mask = declared_upload(
+            mask_part.data, mask_part.content_type, "mask", max_pixels, MASK_RAW_FORMATS
         )
-        mask_picture = None
-        if mask_part is not None:
-            mask_picture = decode_upload(
-                mask_part.data, mask_part.content_type, "mask", max_pixels, MASK_RAW_FORMATS
+        # Compared before either is decoded: a wrong mask costs no decoding.
+        if (mask.width, mask.height) != (image.width, image.height):
+            raise ApiError(
+                422,
+                f"mask is {mask.width}×{mask.height} but the image is {image.width}×"
+                f"{image.height}; they must be the same size",
+                "mask",
             )
-            if mask_picture.size != picture.size:
-                raise ApiError(
-                    422,
-                    f"mask is {mask_picture.width}×{mask_picture.height} but the image is "
-                    f"{picture.width}×{picture.height}; they must be the same size",
-                    "mask",
-                )
+
+    def decode() -> tuple[Image.Image, Image.Image | None]:
+        picture = to_edit_mode(decode_declared(image_part.data, image, max_pixels))
+        mask_picture = None
+        if mask_part is not None and mask is not None:
+            mask_picture = decode_declared(mask_part.data, mask, max_pixels)
             if mask_picture.mode != "L":
                 mask_picture = mask_picture.convert("L")
         return picture, mask_picture
 
-    # Decoding a large image takes tens of milliseconds: keep it off the event loop. A small
-    # one decodes faster than the hop to the thread pool.
-    upload_bytes = len(image_part.data) + (len(mask_part.data) if mask_part is not None else 0)
-    small = upload_bytes <= INLINE_DECODE_BYTES
-    picture, mask_picture = decode() if small else await run_in_threadpool(decode)
-    job = Job(
+    # Decoding a large image takes tens of milliseconds: keep it off the event loop, and at
+    # most `max_decoding_uploads` at once. A small one (by its declared pixel count: a tiny PNG
+    # can hold a huge image) decodes faster than the hop to the thread pool.
+    pixels = image.pixels + (mask.pixels if mask is not None else 0)
+    if pixels <= INLINE_DECODE_PIXELS:
+        picture, mask_picture = decode()
+    else:
+        async with _decode_slots(request, service):
+            picture, mask_picture = await run_in_threadpool(decode)
+    return Job(
         id=service.queue.new_id(),
-        params=edit_params,
-        model=model,
+        params=upload.params,
+        model=upload.model,
         image=picture,
         mask=mask_picture,
         preview_every=preview_every,
-    )
-    service.queue.submit(job)
-    return JobAccepted(
-        id=job.id,
-        state=job.state.value,  # type: ignore[arg-type]
-        status_url=f"/v1/edits/{job.id}",
-        events_url=f"/v1/edits/{job.id}/events",
+        memory=upload.admission.memory,
     )
 
 

@@ -174,11 +174,15 @@ class Limits(BaseModel):
 
 
 class ModelLoadState(BaseModel):
-    model: str
+    model: str = Field(description="The model's id (a local folder or file: its name only).")
     device: str
     state: Literal["loading", "ready", "failed"]
     elapsed_s: float = Field(description="Seconds spent loading (so far, while loading).")
-    error: str | None = None
+    error: str | None = Field(
+        None,
+        description="Why the load failed: in full to a caller that sent the token, else only "
+        "that it failed (the reason can quote paths).",
+    )
 
 
 class QueueStats(BaseModel):
@@ -187,6 +191,14 @@ class QueueStats(BaseModel):
     capacity: int
     stored_result_bytes: int
     result_memory_limit_bytes: int
+    edit_memory_bytes: int = Field(
+        0,
+        description="Host memory counted for waiting and running edits and uploads being read "
+        "(estimated from their pixels: images, results, working copies).",
+    )
+    edit_memory_limit_bytes: int = Field(
+        0, description="The budget for edit_memory_bytes (--max-queued-memory-mb)."
+    )
 
 
 class DeviceMemory(BaseModel):
@@ -214,6 +226,20 @@ class Instance(BaseModel):
     pid: int | None = Field(description="The service's process id (null for remote clients).")
 
 
+class WorkerState(BaseModel):
+    """One device worker, as the service's supervisor sees it."""
+
+    device: str
+    alive: bool = Field(
+        description="The worker thread is running (false: it died, and the service exits)."
+    )
+    busy: bool = Field(description="Running an edit or loading a model now.")
+    job: str | None = Field(None, description="The id of the edit it is running, if any.")
+    error: str | None = Field(
+        None, description="Why it stopped, when it did (a dead thread or a fatal device error)."
+    )
+
+
 class Health(BaseModel):
     status: Literal["ok", "loading", "error"] = Field(
         description="ok: ready; loading: the default model is still loading; error: it failed to load."
@@ -223,12 +249,18 @@ class Health(BaseModel):
     api_version: int
     devices: list[str] = Field(description="One worker per device.")
     device: str = Field(description="The first worker's device.")
-    model: str = Field(description="The default model (used when a request names none).")
-    loaded_models: list[str]
+    model: str = Field(
+        description="The default model (used when a request names none): its id, or for a "
+        "local folder or file its name only."
+    )
+    loaded_models: list[str] = Field(description="Ids (local models: names) of loaded models.")
     model_loads: list[ModelLoadState] = Field(description="Model loads per device, newest last.")
     queue: QueueStats
     memory: list[DeviceMemory] = Field(
         default_factory=list, description="Memory and the memory plan, per device."
+    )
+    workers: list[WorkerState] = Field(
+        default_factory=list, description="Each device worker: alive, busy."
     )
     instance: Instance
 

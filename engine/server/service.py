@@ -11,7 +11,12 @@ from typing import Any
 from engine.manifest import API_VERSION, MANIFEST
 from engine.request import limits_json
 from engine.server import families
-from engine.server.catalog import ModelCatalog, ModelEntry
+from engine.server.catalog import (
+    ModelCatalog,
+    ModelEntry,
+    local_model_name,
+    looks_like_local_path,
+)
 from engine.server.instance import current_install_id
 from engine.server.jobs import FETCHED_GRACE_S, Job, JobQueue, JobState
 from engine.server.schema import (
@@ -26,6 +31,7 @@ from engine.server.schema import (
     ModelsResponse,
     QueueStats,
     ResultInfo,
+    WorkerState,
 )
 from engine.server.settings import ServerSettings
 from engine.server.workers import WorkerPool
@@ -52,9 +58,11 @@ class Service:
     queue: JobQueue
     pool: WorkerPool
 
-    def health(self, local_client: bool = True) -> Health:
+    def health(self, local_client: bool = True, authenticated: bool = False) -> Health:
         """`local_client`: the caller is on this machine (loopback), so it may see the token
-        file's path and the process id."""
+        file's path and the process id. Health needs no token, so it names models by their
+        public ids (never a folder's path) and shows a load's error text only to a caller that
+        sent the token (`authenticated`): that text can quote paths and library internals."""
         now = time.monotonic()
         records = self.pool.load_records()
         default_target = self.catalog.resolve_model(None).target
@@ -69,6 +77,9 @@ class Service:
             status = "ok"  # loads with the first edit
         else:
             status = "loading"
+        if self.pool.check() is not None:
+            # A worker is dead: the service is about to exit (or must be restarted).
+            status = "error"
         devices = [describe_device(d) for d in self.settings.devices]
         return Health(
             status=status,
@@ -77,20 +88,26 @@ class Service:
             api_version=API_VERSION,
             devices=devices,
             device=devices[0],
-            model=self.settings.model,
-            loaded_models=self.pool.loaded_models(),
+            model=self.public_model_name(self.settings.model),
+            loaded_models=[self.public_model_name(m) for m in self.pool.loaded_models()],
             model_loads=[
                 ModelLoadState(
-                    model=r.model,
+                    model=self.public_model_name(r.model),
                     device=describe_device(r.device),
                     state=r.state,  # type: ignore[arg-type]
                     elapsed_s=round(r.elapsed_s(now), 3),
-                    error=r.error,
+                    error=(
+                        r.error
+                        if authenticated or r.error is None
+                        else f"failed to load model {self.public_model_name(r.model)}; see the "
+                        "engine log (or GET /v1/health with the token) for why"
+                    ),
                 )
                 for r in records
             ],
             queue=QueueStats(**self.queue.stats()),
             memory=self.memory(),
+            workers=[WorkerState(**state) for state in self.pool.worker_states()],
             instance=Instance(
                 install_id=current_install_id(),
                 token_file=(
@@ -101,6 +118,15 @@ class Service:
                 pid=os.getpid() if local_client else None,
             ),
         )
+
+    def public_model_name(self, target: str) -> str:
+        """What health calls a model: its id when it is a catalogue or hub id, else (a folder
+        or file on this machine) its listed name: the folder's or file's own name, never the
+        path that leads to it."""
+        entry = self.catalog.entry_for_target(target)
+        if entry is not None and not looks_like_local_path(entry.id):
+            return entry.id
+        return local_model_name(target)
 
     def memory(self) -> list[DeviceMemory]:
         """Per worker: free/total memory and the memory plan (the loaded editor's own report,

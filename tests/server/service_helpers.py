@@ -100,6 +100,8 @@ def make_settings(**overrides: Any) -> ServerSettings:
         "token": TOKEN,
         "devices": ("cpu",),
         "model": "timbrooks/instruct-pix2pix",
+        # TestClient sends `Host: testserver`; real servers accept only their own names.
+        "allowed_hosts": ("testserver",),
     }
     values.update(overrides)
     return ServerSettings(**values)

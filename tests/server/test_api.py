@@ -385,7 +385,8 @@ def test_model_switching_loads_each_model_once(client_factory, tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "model_index.json").write_text("{}")
     factory = FakeFactory()
-    client = client_factory(factory, models_dirs=(tmp_path,))
+    # allow_downloads: the catalogue model is not in this machine's cache (the fake loads it).
+    client = client_factory(factory, models_dirs=(tmp_path,), allow_downloads=True)
     for model in [None, "other", None, "other", "osunlp/InstructPix2Pix-MagicBrush", "other"]:
         params = {"instruction": "x", "steps": 1, "model": model}
         assert wait_finished(client, submit(client, params).json()["id"])["state"] == "done"
@@ -494,6 +495,9 @@ def test_model_that_fails_to_load_reports_error_in_health_and_job(client_factory
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert health["status"] == "error"
+    # Without the token health says only that it failed (the reason may quote paths).
+    assert "see the engine log" in health["model_loads"][0]["error"]
+    health = client.get("/v1/health", headers=AUTH).json()
     assert "unreachable" in health["model_loads"][0]["error"]
     failed = wait_finished(client, submit(client).json()["id"])
     assert (
@@ -528,6 +532,12 @@ def test_openapi_describes_every_route_and_the_token(client_factory):
         "/v1/edits/{job_id}",
         "/v1/edits/{job_id}/events",
         "/v1/edits/{job_id}/results/{k}",
+        "/v1/training-options",
+        "/v1/trainings",
+        "/v1/trainings/{training_id}",
+        "/v1/trainings/{training_id}/events",
+        "/v1/trainings/{training_id}/resume",
+        "/v1/trainings/{training_id}/validations/{index}",
     }
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert "security" not in schema["paths"]["/v1/health"]["get"]

@@ -12,9 +12,9 @@ from engine.server.auth import TokenError, is_loopback, load_token, token_matche
 
 def test_explicit_token_wins_and_is_not_written_anywhere(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
-    source = load_token("s3cret", None)
+    source = load_token("s3cret-0123456789", None)
     assert (source.token, source.path, source.explicit, source.generated) == (
-        "s3cret",
+        "s3cret-0123456789",
         None,
         True,
         False,
@@ -34,9 +34,10 @@ def test_generated_token_is_private_and_reused(tmp_path, monkeypatch):
 
 def test_token_file_is_read_or_created(tmp_path):
     given = tmp_path / "given"
-    given.write_text("from-the-user\n")
-    assert load_token(None, given).token == "from-the-user"
-    assert given.read_text() == "from-the-user\n"  # untouched
+    given.write_text("from-the-user-0123456789\n")
+    given.chmod(0o600)  # an existing token file must be private (tests/server/test_hardening.py)
+    assert load_token(None, given).token == "from-the-user-0123456789"
+    assert given.read_text() == "from-the-user-0123456789\n"  # untouched
     created = load_token(None, tmp_path / "new" / "token")
     assert created.generated and created.path.read_text().strip() == created.token
 

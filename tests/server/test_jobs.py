@@ -10,9 +10,14 @@ from engine.server.catalog import ModelEntry
 from engine.server.errors import ApiError
 from engine.server.jobs import (
     FETCHED_GRACE_S,
+    INPUT_BYTES_PER_PIXEL,
+    RESULT_BYTES_PER_PIXEL,
+    WORKING_BYTES_PER_PIXEL,
     Job,
+    JobMemory,
     JobQueue,
     JobState,
+    MemoryBusy,
     QueueFull,
     StoredResult,
 )
@@ -142,3 +147,51 @@ def test_cancel_removes_a_queued_job_and_flags_a_running_one():
     assert queue.cancel(running.id).state is JobState.RUNNING and running.cancel.is_set()
     queue.finish_cancelled(running)
     assert queue.stats()["running"] == 0
+
+
+# --- admissions and the memory budget -----------------------------------------------------------
+
+
+def test_an_admission_holds_a_place_before_the_body_is_read():
+    queue = JobQueue(capacity=2, result_ttl_s=60, result_memory_bytes=100, clock=Clock())
+    reading = queue.admit(body_bytes=10)
+    queue.submit(make_job(queue))
+    with pytest.raises(QueueFull):
+        queue.admit()  # one queued + one upload being read fill the queue
+    with pytest.raises(QueueFull):
+        queue.submit(make_job(queue))
+    reading.release()
+    with queue.admit() as admission:
+        job = make_job(queue)
+        queue.submit(job, admission)  # the admission's place becomes the job's
+    assert queue.stats()["queued"] == 2
+    with pytest.raises(QueueFull):
+        queue.admit()
+
+
+def test_the_memory_budget_counts_inputs_results_and_one_working_copy_per_worker():
+    pixels = 1000
+    one = JobMemory(pixels, variants=1)
+    assert one.held == pixels * (INPUT_BYTES_PER_PIXEL + RESULT_BYTES_PER_PIXEL)
+    assert one.working == pixels * WORKING_BYTES_PER_PIXEL
+    budget = 3 * one.held + one.working
+    queue = JobQueue(4, 60, 100, clock=Clock(), memory_budget_bytes=budget)
+    jobs = []
+    for _ in range(3):  # three fit: their inputs and results, and one worker's working copies
+        job = make_job(queue)
+        job.memory = one
+        queue.submit(job)
+        jobs.append(job)
+    assert queue.memory_in_use == budget
+    with pytest.raises(MemoryBusy) as busy, queue.admit() as admission:
+        admission.expect(one)
+    assert busy.value.status == 429 and "Retry-After" in busy.value.headers
+    with pytest.raises(ApiError) as never:
+        queue.admit().expect(JobMemory(pixels * 100, variants=2))
+    assert never.value.status == 413 and never.value.field == "variants"
+    queue.next_job(timeout=0)
+    queue.finish_failed(jobs[0], "x")  # a finished job's memory is no longer counted
+    assert queue.memory_in_use == budget - one.held
+    # A second worker: two working copies may coexist.
+    queue.workers = 2
+    assert queue.memory_in_use == 2 * one.held + 2 * one.working

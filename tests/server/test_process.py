@@ -185,7 +185,8 @@ def test_bad_start_up_arguments_are_refused(tmp_path, monkeypatch, args, expecte
 
     monkeypatch.chdir(tmp_path)
     token_file = tmp_path / "token"
-    token_file.write_text("secret\n")
+    token_file.write_text("secret-0123456789abcdef\n")
+    token_file.chmod(0o600)
     parsed = build_parser().parse_args(["serve", "--token-file", str(token_file), *args])
     with pytest.raises(ServeError, match=expected):
         _settings_from_args(parsed)

@@ -420,7 +420,8 @@ def test_serve_flags_match_the_engine_names(tmp_path):
 
     assert cli.MEMORY_PLANS == MEMORY_PLAN_CHOICES and cli.QUANTIZATIONS == QUANTIZATIONS
     token_file = tmp_path / "token"
-    token_file.write_text("secret\n")
+    token_file.write_text("secret-0123456789abcdef\n")
+    token_file.chmod(0o600)
     base = ["serve", "--token-file", str(token_file), "--device", "cpu"]
     settings, _ = cli._settings_from_args(
         build_parser().parse_args([*base, "--memory-plan", "sequential-offload"])
@@ -441,7 +442,8 @@ def test_the_real_editor_factory_gives_the_editor_the_memory_flags(tiny_model_di
 
 
 def test_the_family_ranges_of_steps_and_resolution_apply(client_factory):
-    client, _ = echo_client(client_factory)
+    # allow_downloads: Qwen is not in this machine's cache (the fake editor loads nothing).
+    client, _ = echo_client(client_factory, allow_downloads=True)
     qwen = "Qwen/Qwen-Image-Edit-2511"
     one_step = submit(client, {"instruction": "x", "model": qwen, "steps": 1})
     assert one_step.status_code == 422 and error_of(one_step)["field"] == "steps"
