@@ -276,6 +276,95 @@ class KritaDocument:
         return str(record.get("instruction", "")), before, after, w, h
 
 
+    # --- pairs from the painter's own layers (the Train tab) --------------------------------
+
+    def paint_layers(self) -> list[tuple[str, str]]:
+        """(unique id, name) of every paint layer, top of the stack first (as Krita lists them).
+
+        Layers inside groups are included, after their group's position.
+        """
+        found: list[tuple[str, str]] = []
+
+        def walk(node: Any) -> None:
+            for child in reversed(node.childNodes()):  # childNodes() is bottom first
+                if child.type() == "paintlayer":
+                    found.append((_uuid(child), child.name()))
+                elif child.type() == "grouplayer":
+                    walk(child)
+
+        walk(self.document.rootNode())
+        return found
+
+    def default_pair_layers(self) -> tuple[str | None, str | None]:
+        """(before, after) ids to offer: the layer below the current one and the current one
+        (the painter's flat/sketch under their rendered/inked version); with nothing below,
+        the current one and the layer above it."""
+        layers = [node_id for node_id, _ in self.paint_layers()]
+        if not layers:
+            return None, None
+        active = self.document.activeNode()
+        current = _uuid(active) if active is not None else None
+        index = layers.index(current) if current in layers else 0
+        if index + 1 < len(layers):
+            return layers[index + 1], layers[index]
+        if index > 0:
+            return layers[index], layers[index - 1]
+        return layers[index], None
+
+    def read_layer_pair(self, before_id: str, after_id: str) -> tuple[bytes, bytes, Bounds]:
+        """Both layers' BGRA bytes over the same region, at full resolution (never scaled).
+
+        The region is the selection's bounding box when there is a selection, else the
+        layers' painted bounds — which must then be the same for both. Refuses (with what to
+        do) layers that are missing, the same layer twice, not 8-bit RGBA, empty, or of
+        different bounds.
+        """
+        if before_id == after_id:
+            raise UnsupportedDocument("Choose two different layers: the “before” and the “after” are the same.")
+        nodes = []
+        for role, node_id in (("before", before_id), ("after", after_id)):
+            node = self.find_node(node_id) if node_id else None
+            if node is None:
+                raise UnsupportedDocument(f"The {role} layer is gone; choose it again in the list.")
+            check_color(node.colorModel(), node.colorDepth(), f"The {role} layer “{node.name()}”")
+            nodes.append(node)
+        before, after = nodes
+        canvas = self.canvas
+        selected = self.selection_bounds()
+        if selected is not None:
+            area = selected.intersected(canvas)
+            if area.is_empty:
+                raise UnsupportedDocument("The selection lies outside the canvas; deselect "
+                                          "(Ctrl+Shift+A) or select inside the image.")
+        else:
+            areas = [_bounds_of(node).intersected(canvas) for node in nodes]
+            for node in nodes:
+                if _bounds_of(node).intersected(canvas).is_empty:
+                    raise UnsupportedDocument(f"The layer “{node.name()}” is empty; paint it first.")
+            if areas[0] != areas[1]:
+                raise UnsupportedDocument(
+                    f"The layers “{before.name()}” ({_describe(areas[0])}) and “{after.name()}” "
+                    f"({_describe(areas[1])}) cover different areas, so their pixels would not "
+                    "line up. Select the area to use for both (Select ▸ Select All, Ctrl+A, for "
+                    "the whole canvas) and add the pair again.")
+            area = areas[0]
+        data = []
+        for node in nodes:
+            pixels = bytes(node.projectionPixelData(*area))
+            if len(pixels) != area.width * area.height * 4:
+                raise UnsupportedDocument(
+                    f"Krita returned {len(pixels)} bytes for “{node.name()}” over "
+                    f"{area.width}×{area.height} pixels; is the layer 8-bit RGBA?")
+            if not pixels[3::4].strip(b"\0"):  # every alpha is 0 (C speed, no Python loop)
+                raise UnsupportedDocument(f"The layer “{node.name()}” is empty in the chosen area.")
+            data.append(pixels)
+        return data[0], data[1], area
+
+
+def _describe(area: Bounds) -> str:
+    return f"{area.width}×{area.height} at {area.x},{area.y}"
+
+
 def composite_over(below: bytes, above: bytes, width: int, height: int) -> bytes:
     from .qt import QPainter
 

@@ -33,9 +33,11 @@ from real_engine import start_engine  # noqa: E402
 def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A real engine on the tiny model: (url, token)."""
     token_file = tmp_path_factory.mktemp("engine") / "token"
-    token_file.write_text("test-token-123")
+    token = "test-token-0123456789"  # the engine wants >= 16 characters, in a private file
+    token_file.write_text(token)
+    token_file.chmod(0o600)
     process, url = start_engine(tiny_model_dir, token_file)
-    yield url, "test-token-123"
+    yield url, token
     process.terminate()
     try:
         process.wait(10)

@@ -19,6 +19,9 @@ RESULTS = os.environ["E2E_RESULTS"]
 ARTIFACTS = os.environ["E2E_ARTIFACTS"]
 W, H = 256, 192
 SEL = (96, 64, 64, 48)
+# The training phase: a small document with a sketch and its inked version.
+TW, TH = 128, 96
+TRAIN_STEPS = int(os.environ.get("E2E_TRAIN_STEPS") or 4)
 observations = {"steps": []}
 
 
@@ -98,7 +101,8 @@ class Scenario:
         note("source_name", background.name())
         dock = window.qwindow().findChild(QDockWidget, "instruct_edit_docker")
         note("docker_found", dock is not None)
-        panel = dock.widget()
+        self.dock = dock
+        panel = getattr(dock, "panel", None) or dock.widget()  # the Edit tab
         note("docker_visible", dock.isVisible())
         self.panel = panel
         self.controller = panel.controller
@@ -221,10 +225,171 @@ class Scenario:
         note("reopened_provenance", found)
         reopened.setModified(False)
         reopened.close()
+        if os.environ.get("E2E_TRAIN", "1") != "0":
+            QTimer.singleShot(200, self.train_phase)
+        else:
+            self.after_training()
+
+    def after_training(self):
         if os.environ.get("E2E_ECHO_URL"):
             QTimer.singleShot(200, self.echo_phase)
         else:
             quit_krita(0)
+
+    # --- fine-tuning from inside Krita: pairs from layers, a training, the LoRA in an edit ---
+
+    def train_phase(self):
+        app = Krita.instance()
+        document = app.createDocument(TW, TH, "train", "RGBA", "U8", "", 72.0)
+        app.activeWindow().addView(document)
+        self.train_document = document
+        root = document.rootNode()
+        sketch = document.createNode("Sketch", "paintlayer")
+        sketch.setPixelData(QByteArray(train_pattern(False)), 0, 0, TW, TH)
+        ink = document.createNode("Ink", "paintlayer")
+        ink.setPixelData(QByteArray(train_pattern(True)), 0, 0, TW, TH)
+        background = layers_of(root)[-1]  # the new document's own layer
+        root.addChildNode(sketch, background)
+        root.addChildNode(ink, sketch)
+        document.setActiveNode(ink)
+        document.refreshProjection()
+        self.train_layers = (sketch, ink)
+        dock = self.dock
+        train_panel = dock.train_panel
+        self.train_panel = train_panel
+        self.training = dock.training
+        dock.tabs.setCurrentWidget(train_panel)  # the docker's poll lists the layers
+        note("train_tabs", [dock.tabs.tabText(i) for i in range(dock.tabs.count())])
+        # Krita makes a node current through its view, a moment later.
+        wait(lambda: self.training.state.options.presets and document.activeNode() is not None
+             and document.activeNode().name() == "Ink", self.add_pairs, 60,
+             "training options: " + str(self.training.state.error))
+
+    def add_pairs(self):
+        panel, training = self.train_panel, self.training
+        state = training.state
+        note("train_options", {"min_pairs": state.options.min_pairs,
+                               "trainable": [m.id for m in state.options.trainable],
+                               "presets": [p.id for p in state.options.presets]})
+        note("train_new_dataset", training.new_dataset("e2e-ink"))
+        panel.refresh()
+        note("train_layer_choices", [panel.before_layer.itemText(i) for i in range(panel.before_layer.count())])
+        note("train_default_layers", [panel.before_layer.currentText(), panel.after_layer.currentText()])
+        document = self.train_document
+        # Two pairs of the whole layers, then (to reach the engine's minimum) selected regions
+        # of both layers: each a pair of its own, at full resolution.
+        regions = [None, None] + [((k * 13) % (TW - 48), (k * 7) % (TH - 40), 48, 40)
+                                  for k in range(max(0, state.options.min_pairs - 2))]
+        errors, sizes = [], []
+        for k, region in enumerate(regions):
+            if region is None:
+                document.setSelection(None)
+            else:
+                selection = Selection()
+                selection.select(*region, 255)
+                document.setSelection(selection)
+            panel.pair_instruction.setText("ink the sketch" if k % 2 == 0 else "ink it cleanly")
+            panel.add_pair_button.click()
+            errors.append(state.error)
+            if state.pairs:
+                last = state.pairs[-1]
+                before, _ = training.pair_paths(last)
+                from PyQt5.QtGui import QImage
+
+                image = QImage(str(before))
+                sizes.append([image.width(), image.height()])
+        document.setSelection(None)
+        note("train_pair_errors", errors)
+        note("train_pairs", len(state.pairs))
+        note("train_pair_sizes", sizes)
+        note("train_pair_list_rows", panel.pairs.count())
+        # A refusal: the same layer as before and after.
+        panel.after_layer.setCurrentIndex(panel.after_layer.findText("Sketch"))
+        panel.before_layer.setCurrentIndex(panel.before_layer.findText("Sketch"))
+        panel.add_pair_button.click()
+        note("train_same_layer_error", state.error)
+        # Train a few steps on the tiny model: the quick preset, sized down for a CPU.
+        panel.preset.setCurrentIndex(panel.preset.findData("quick"))
+        panel.max_steps.setValue(TRAIN_STEPS)
+        state.overrides = {"resolution": 64, "lora_rank": 4, "batch_size": 1, "grad_accum": 1,
+                           "validate_every": 2, "checkpoint_every": 2}
+        panel.name.setText("e2e-ink")
+        self.train_states = []
+        state.on_change("current", lambda s: s is not None and self.train_states.append([s.state, s.step]),
+                        now=False)
+        self.train_started = time.monotonic()
+        panel.start_button.click()
+        note("train_error_after_start", state.error)
+        wait(lambda: state.current is not None and state.current.final, self.trained, 400,
+             "training: " + str(state.error))
+
+    def trained(self):
+        panel, state = self.train_panel, self.training.state
+        current = state.current
+        note("train_seconds", round(time.monotonic() - self.train_started, 1))
+        note("train_state", current.state)
+        note("train_error", state.error or current.error)
+        note("train_states_seen", sorted({s for s, _ in self.train_states}))
+        note("train_max_step_seen", max([n for _, n in self.train_states], default=0))
+        note("train_loss_points", len(current.loss))
+        note("train_loss_curve_points", len(panel.loss_curve.points))
+        note("train_progress", [panel.progress.value(), panel.progress.maximum()])
+        note("train_lora", current.lora_path)
+        note("train_card", current.lora_card[:400])
+        if current.state != "done":
+            self.after_training()  # the failure is noted; the echo phase still runs
+            return
+        trained_at = time.monotonic()
+        wait(lambda: state.validation_image is not None or time.monotonic() - trained_at > 20,
+             self.trained_lora, 30, "validation image")
+
+    def trained_lora(self):
+        panel, state = self.train_panel, self.training.state
+        note("train_validation_shown", panel.validation.pixmap() is not None
+             and not panel.validation.pixmap().isNull())
+        note("train_validation_step", state.validation_step)
+        lora = state.current.lora_path
+        edit_panel = self.panel
+        wait(lambda: bool(lora) and edit_panel.lora.findData(lora) >= 0, self.edit_with_lora, 30,
+             "the trained LoRA in the Edit tab's list")
+
+    def edit_with_lora(self):
+        edit_panel = self.panel
+        note("train_lora_in_edit_list", True)
+        self.train_panel.use_button.click()
+        note("train_lora_chosen", edit_panel.lora.currentData())
+        self.dock.tabs.setCurrentWidget(edit_panel)
+        document = self.train_document
+        document.setActiveNode(self.train_layers[0])
+        edit_panel.instruction.lineEdit().setText("ink the sketch")
+        edit_panel.steps.setValue(2)
+        edit_panel.variants.setValue(1)
+        self.controller.state.resolution = 64
+        edit_panel.source.setCurrentIndex(edit_panel.source.findData("layer"))
+        edit_panel.edit_button.click()
+        note("lora_edit_error_after_click", self.controller.state.error)
+        wait(lambda: self.controller.state.job_state in ("done", "failed", "cancelled"),
+             self.lora_edit_done, 120, "edit with the trained LoRA")
+
+    def lora_edit_done(self):
+        state = self.controller.state
+        note("lora_edit_state", state.job_state)
+        note("lora_edit_error", state.error)
+        if state.job_state == "done":
+            from instruct_edit.krita_document import KritaDocument
+
+            group = self.controller.inserted_groups[-1]
+            layer = group.childNodes()[-1]
+            record = KritaDocument(self.train_document).provenance_of(layer) or {}
+            note("lora_edit_loras", record.get("loras"))
+            note("lora_edit_layer", layer.name())
+        window = Krita.instance().activeWindow()
+        self.dock.tabs.setCurrentWidget(self.train_panel)
+        self.train_panel.ensureWidgetVisible(self.train_panel.loss_curve)  # the training's part
+        window.qwindow().grab().save(os.path.join(ARTIFACTS, "krita-e2e-train.png"))
+        self.dock.tabs.setCurrentWidget(self.panel)
+        self.train_document.setModified(False)
+        self.after_training()
 
 
     # --- lossless round trip at full resolution, against an engine that echoes its input ---
@@ -472,6 +637,20 @@ def rss():
     except OSError:
         pass
     return 0
+
+
+def train_pattern(inked):
+    """A sketch (soft grey strokes on paper) or its inked version (the same strokes, black)."""
+    paper = bytes((245, 245, 245, 255))
+    stroke = bytes((20, 20, 20, 255)) if inked else bytes((170, 170, 170, 255))
+    rows = []
+    for y in range(TH):
+        row = bytearray(paper * TW)
+        for x in range(TW):
+            if (x + 2 * y) % 17 < (2 if inked else 3) or (x - y) % 23 == 0:
+                row[x * 4 : x * 4 + 4] = stroke
+        rows.append(bytes(row))
+    return b"".join(rows)
 
 
 def line_art(width, height):

@@ -27,7 +27,7 @@ def test_plugin_tests_pass_under_pyqt5():
     env = dict(os.environ, PYTEST_QT_API="pyqt5", INSTRUCT_EDIT_QT="pyqt5")
     files = [str(HERE / name) for name in
              ("test_plugin_logic.py", "test_plugin_params.py", "test_plugin_flow.py",
-              "test_plugin_roundtrip.py", "test_plugin_widgets.py")]
+              "test_plugin_roundtrip.py", "test_plugin_widgets.py", "test_plugin_training.py")]
     completed = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *files],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

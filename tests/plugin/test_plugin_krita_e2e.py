@@ -96,7 +96,12 @@ def krita_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
         "E2E_PROFILE": os.environ.get("INSTRUCT_EDIT_E2E_PROFILE", ""),
         # How long the heartbeat runs before each echo edit (Krita's own work shows there).
         "E2E_SETTLE_MS": os.environ.get("INSTRUCT_EDIT_E2E_SETTLE_MS", ""),
+        # The training phase (pairs from layers, a few steps on the tiny model, the LoRA in
+        # an edit); INSTRUCT_EDIT_E2E_TRAIN=0 leaves it out (e.g. for the benchmark runs).
+        "E2E_TRAIN": os.environ.get("INSTRUCT_EDIT_E2E_TRAIN", "1"),
+        "E2E_TRAIN_STEPS": os.environ.get("INSTRUCT_EDIT_E2E_TRAIN_STEPS", ""),
     }
+    training = env["E2E_TRAIN"] != "0"
     command = ["xvfb-run", "-a", "-s", "-screen 0 1600x1000x24 -nolisten tcp", "krita", "--nosplash"]
     log = []
     # One retry, only when Krita died before the scenario began (no observation at all):
@@ -104,7 +109,7 @@ def krita_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) ->
     for attempt in range(2):
         try:
             completed = subprocess.run(command, env=env, cwd=home, capture_output=True, text=True,
-                                       timeout=240)
+                                       timeout=660 if training else 240)
             output = f"exit code {completed.returncode}\n{completed.stdout}{completed.stderr}"
         except subprocess.TimeoutExpired as err:
             output = f"TIMEOUT\n{err.stdout or ''}{err.stderr or ''}"
@@ -189,3 +194,46 @@ def test_provenance_survives_save_and_reopen(krita_run):
     assert sorted(r["seed"] for r in records) == [1234, 1235]
     assert {r["instruction"] for r in records} == {"make it evening"}
     assert (ROOT / "artifacts" / "krita-e2e.png").exists()
+
+
+# --- fine-tuning from inside Krita (issue 14): pairs from layers, training, the LoRA in an edit ---
+
+train_only = pytest.mark.skipif(os.environ.get("INSTRUCT_EDIT_E2E_TRAIN", "1") == "0",
+                                reason="INSTRUCT_EDIT_E2E_TRAIN=0: the training phase was left out")
+
+
+@train_only
+def test_pairs_added_from_two_layers(krita_run):
+    assert krita_run.get("train_tabs") == ["Edit", "Train"], krita_run.get("timeout")
+    assert krita_run["train_new_dataset"] is True
+    assert krita_run["train_layer_choices"][:2] == ["Ink", "Sketch"]
+    assert krita_run["train_default_layers"] == ["Sketch", "Ink"]  # below the current one / it
+    minimum = krita_run["train_options"]["min_pairs"]
+    assert krita_run["train_pair_errors"] == [""] * max(2, minimum)
+    assert krita_run["train_pairs"] == krita_run["train_pair_list_rows"] == max(2, minimum)
+    # Full resolution, no scaling: the whole layers, then the selected regions exactly.
+    assert krita_run["train_pair_sizes"][:2] == [[128, 96], [128, 96]]
+    assert all(size == [48, 40] for size in krita_run["train_pair_sizes"][2:])
+    assert "same" in krita_run["train_same_layer_error"]
+
+
+@train_only
+def test_training_runs_and_its_lora_is_offered(krita_run):
+    assert krita_run.get("train_error_after_start") == "", krita_run.get("train_error_after_start")
+    assert krita_run.get("train_state") == "done", (krita_run.get("train_error"), krita_run.get("timeout"))
+    assert "running" in krita_run["train_states_seen"]
+    steps = krita_run["train_progress"][1]
+    assert krita_run["train_progress"] == [steps, steps] and krita_run["train_max_step_seen"] == steps
+    assert krita_run["train_loss_points"] >= 1 and krita_run["train_loss_curve_points"] >= 1
+    assert krita_run["train_lora"].startswith("trained/e2e-ink")
+    assert krita_run["train_card"]
+    assert krita_run["train_validation_shown"] is True
+    assert krita_run["train_lora_in_edit_list"] is True
+    assert krita_run["train_lora_chosen"] == krita_run["train_lora"]
+
+
+@train_only
+def test_an_edit_with_the_trained_lora(krita_run):
+    assert krita_run.get("lora_edit_state") == "done", krita_run.get("lora_edit_error")
+    assert krita_run["lora_edit_error_after_click"] == ""
+    assert [lora["path"] for lora in krita_run["lora_edit_loras"]] == [krita_run["train_lora"]]

@@ -472,7 +472,8 @@ def test_managed_mode_reuses_a_real_engine_of_this_installation(fake_krita, tiny
     from real_engine import start_engine
 
     token_file = tmp_path / "token"
-    token_file.write_text("served-token")
+    token_file.write_text("served-token-0123456789")  # the engine wants >= 16 characters, private
+    token_file.chmod(0o600)
     process, url = start_engine(tiny_model_dir, token_file)
     try:
         document, _ = source_document(fake_krita, 24, 16, line_art(24, 16))
@@ -486,7 +487,7 @@ def test_managed_mode_reuses_a_real_engine_of_this_installation(fake_krita, tiny
         wait_for(lambda: state.connection in (CONNECTED, "failed") or controller.engine is not None, 30)
         assert controller.engine is None, "started a second engine instead of reusing the running one"
         assert state.connection == CONNECTED and controller.connection.attached, state.connection_message
-        assert controller.client.token == "served-token"
+        assert controller.client.token == "served-token-0123456789"
         # And the real engine takes the raw upload and answers with raw pixels of the region.
         wait_for(lambda: state.models, 10)
         state.instruction, state.random_seed, state.steps, state.resolution = "make it red", False, 2, 64

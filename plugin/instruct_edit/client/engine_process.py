@@ -192,8 +192,11 @@ class ManagedEngine(QObject):
         token_file = Path(self._token_dir) / "token"
         token_file.write_text(self.token, encoding="utf-8")
         os.chmod(token_file, 0o600)
+        # --allow-downloads: this engine is the painter's own (loopback, private token); a
+        # model they pick in the docker may be fetched ("downloads on first use").
         args = [*leading, "serve", "--host", "127.0.0.1", "--port", "0",
-                "--parent-pid", str(self.parent_pid), "--token-file", str(token_file)]
+                "--parent-pid", str(self.parent_pid), "--token-file", str(token_file),
+                "--allow-downloads"]
         if self.device and self.device != "auto":
             args += ["--device", self.device]
         if self.model:

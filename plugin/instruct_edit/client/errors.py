@@ -31,6 +31,10 @@ _FIELD_NAMES = {
     "loras": "LoRA",
     "image": "Image",
     "mask": "Selection",
+    "dataset": "Dataset",
+    "dataset_folder": "Dataset",
+    "preset": "Preset",
+    "name": "Training name",
 }
 
 
@@ -53,6 +57,10 @@ def error_from_response(status: int, body: bytes) -> ApiError:
             "token the engine printed (or its token file's content), or use the local engine.",
             status, "token", kind="auth",
         )
+    if status == 403 and field not in (None, "Authorization", "token"):
+        # Not the token: a refusal about something else (e.g. a dataset folder sent to an
+        # engine on another machine); its own message says what to do.
+        return ApiError(message or "The engine refused this request.", status, field, kind="engine")
     if status == 403:
         return ApiError(
             "The engine refused the access token: it is wrong. Open Settings and paste the "

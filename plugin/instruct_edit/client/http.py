@@ -300,7 +300,58 @@ class EngineClient(QObject):
 
     def events(self, job_id: str, on_event: Callable[[str, Any], None],
                on_end: Callable[[ApiError | None], None]) -> EventStream:
-        request = self._request(f"/v1/edits/{job_id}/events", timeout_ms=0)
+        return self._stream(f"/v1/edits/{job_id}/events", on_event, on_end)
+
+    # --- training jobs (issue 14: /v1/trainings) ------------------------------------------
+
+    def training_options(self, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        """What can be trained: models (trainable or why not), presets, limits, datasets."""
+        return self._send("GET", "/v1/training-options", on_done, on_error)
+
+    def trainings(self, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        """Every training the engine knows (newest first), also those from before a restart."""
+        return self._send("GET", "/v1/trainings", on_done, on_error)
+
+    def training(self, training_id: str, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        return self._send("GET", f"/v1/trainings/{training_id}", on_done, on_error)
+
+    def start_training(self, params: dict[str, Any], on_done: OnDone, on_error: OnError, *,
+                       dataset_folder: str | None = None,
+                       dataset_zip: bytes | None = None) -> QNetworkReply:
+        """POST a training: a dataset folder the engine can read (loopback only), or a zip."""
+        if (dataset_folder is None) == (dataset_zip is None):
+            raise ValueError("give exactly one of dataset_folder and dataset_zip")
+        if dataset_folder is not None:
+            body = json.dumps({**params, "dataset_folder": dataset_folder}).encode()
+            return self._send("POST", "/v1/trainings", on_done, on_error, body=body,
+                              content_type="application/json", timeout_ms=120_000)
+        parts: list[Part] = [
+            ("params", None, "application/json", json.dumps(params).encode()),
+            ("dataset", "dataset.zip", "application/zip", dataset_zip or b""),
+        ]
+        return self._send("POST", "/v1/trainings", on_done, on_error, form=multipart(parts),
+                          timeout_ms=300_000)
+
+    def cancel_training(self, training_id: str, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        return self._send("DELETE", f"/v1/trainings/{training_id}", on_done, on_error)
+
+    def resume_training(self, training_id: str, on_done: OnDone, on_error: OnError) -> QNetworkReply:
+        return self._send("POST", f"/v1/trainings/{training_id}/resume", on_done, on_error,
+                          body=b"{}", content_type="application/json")
+
+    def training_events(self, training_id: str, on_event: Callable[[str, Any], None],
+                        on_end: Callable[[ApiError | None], None]) -> EventStream:
+        return self._stream(f"/v1/trainings/{training_id}/events", on_event, on_end)
+
+    def validation_image(self, training_id: str, index: int, on_done: Callable[[bytes], None],
+                         on_error: OnError) -> QNetworkReply:
+        """Validation grid `index` of a training, as PNG bytes."""
+        return self._send("GET", f"/v1/trainings/{training_id}/validations/{index}",
+                          lambda data: on_done(bytes(data)), on_error, raw=True)
+
+    def _stream(self, path: str, on_event: Callable[[str, Any], None],
+                on_end: Callable[[ApiError | None], None]) -> EventStream:
+        request = self._request(path, timeout_ms=0)
         request.setRawHeader(b"Accept", b"text/event-stream")
         reply = self._network.get(request)
 

@@ -166,6 +166,11 @@ class EngineConnection(QObject):
 
         client.health(healthy, unhealthy)
 
+    def refresh_models(self) -> None:
+        """Ask the engine's model and LoRA list again (e.g. a training just added a LoRA)."""
+        if self.client is not None:
+            self.client.models(self._models_arrived, lambda err: None)
+
     def _models_arrived(self, answer: Any) -> None:
         learn = getattr(self.state, "learn_models", None)
         if learn is not None:  # EditState reads the models' parameters (model/state.py)

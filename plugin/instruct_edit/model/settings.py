@@ -1,4 +1,4 @@
-"""Settings: how to reach the engine, where training pairs go, and the last-used values.
+"""Settings: how to reach the engine, where training pairs and datasets go, and the last-used values.
 
 Stored as JSON in Krita's data folder (next to pykrita/). It may hold a remote engine's
 token, so it is owner-only (0600) from the first byte, and never written mid-way: a private
@@ -30,7 +30,10 @@ class Settings:
     remote_url: str = "http://127.0.0.1:8765"
     remote_token: str = ""
     pairs_folder: str = ""
+    #: Where the Train tab keeps its datasets, one subfolder each ("" = default_datasets_folder()).
+    datasets_folder: str = ""
     state: dict[str, Any] = field(default_factory=dict)  # EditState.snapshot()
+    training: dict[str, Any] = field(default_factory=dict)  # TrainingState.snapshot()
 
     def problems(self) -> list[str]:
         """What must be fixed before connecting, in words for the Settings dialog."""
@@ -46,9 +49,23 @@ class Settings:
         return found
 
 
-def default_path() -> Path:
+def _plugin_data_folder() -> Path:
     base = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.GenericDataLocation)
-    return Path(base or Path.home()) / "krita" / "instruct_edit" / "settings.json"
+    return Path(base or Path.home()) / "krita" / "instruct_edit"
+
+
+def default_path() -> Path:
+    return _plugin_data_folder() / "settings.json"
+
+
+def default_datasets_folder() -> Path:
+    return _plugin_data_folder() / "datasets"
+
+
+def datasets_folder(settings: Settings) -> Path:
+    """The folder holding the Train tab's datasets (one subfolder per dataset)."""
+    chosen = settings.datasets_folder.strip()
+    return Path(chosen).expanduser() if chosen else default_datasets_folder()
 
 
 def load(path: Path | None = None) -> Settings:

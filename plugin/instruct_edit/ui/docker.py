@@ -1,4 +1,5 @@
-"""The Krita docker: hosts EditPanel and keeps the controller pointed at the active document."""
+"""The Krita docker: an Edit tab (EditPanel) and a Train tab (TrainPanel), kept pointed at
+the active document."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from krita import DockWidget, Krita
 from ..krita_document import KritaDocument
 from ..model.controller import EditController
 from ..model.state import EditState
-from ..qt import QApplication, QTimer
+from ..model.training import TrainingController
+from ..qt import QApplication, QTimer, QtWidgets
 from .panel import EditPanel
 from .settings_dialog import SettingsDialog
+from .train_panel import TrainPanel
 
 DOCKER_ID = "instruct_edit_docker"
 TITLE = "Instruct Edit"
@@ -36,13 +39,29 @@ def shared_controller() -> EditController:
     return _shared["controller"]
 
 
+def shared_training() -> TrainingController:
+    """The Train tab's controller: one for all windows, on the shared engine connection."""
+    if "training" not in _shared:
+        controller = shared_controller()
+        training = TrainingController(controller)
+        _shared["training"] = training
+        QApplication.instance().aboutToQuit.connect(training.shutdown)
+    return _shared["training"]
+
+
 class InstructEditDocker(DockWidget):
     def __init__(self) -> None:
         super().__init__()
         self.setWindowTitle(TITLE)
         self.controller = shared_controller()
+        self.training = shared_training()
         self.panel = EditPanel(self.controller, open_settings=self.open_settings)
-        self.setWidget(self.panel)
+        self.train_panel = TrainPanel(self.training)
+        self.tabs = QtWidgets.QTabWidget()
+        self.tabs.addTab(self.panel, "Edit")
+        self.tabs.addTab(self.train_panel, "Train")
+        self.tabs.currentChanged.connect(lambda _i: self._refresh())
+        self.setWidget(self.tabs)
         # Krita has no signal for "active layer changed": poll, cheaply, while visible.
         self._poll = QTimer(self)
         self._poll.timeout.connect(self._refresh)
@@ -52,10 +71,15 @@ class InstructEditDocker(DockWidget):
         self._refresh()
 
     def _refresh(self) -> None:
-        if self.isVisible():
+        if not self.isVisible():
+            return
+        if self.tabs.currentWidget() is self.train_panel:
+            self.train_panel.refresh()
+        else:
             self.controller.refresh_selected_provenance()
 
     def open_settings(self) -> None:
         dialog = SettingsDialog(self.controller.settings, self)
         if dialog.exec():
             self.controller.apply_settings(dialog.result_settings())
+            self.training.refresh_datasets()  # the datasets folder may have changed

@@ -187,6 +187,7 @@ class EditPanel(QtWidgets.QWidget):
         state.on_change("model_info", self._show_model_info, owner=self)
         state.on_change("resolution", self._show_resolution, owner=self)
         state.on_change("loras", self._show_loras, owner=self)
+        state.on_change("lora_path", self._show_lora_path, owner=self)  # set elsewhere (Train tab)
         bind_spin(state, "steps", self.steps)
         bind_spin(state, "seed", self.seed)
         bind_check(state, "random_seed", self.random_seed)
@@ -332,6 +333,13 @@ class EditPanel(QtWidgets.QWidget):
             self.lora.addItem(name, name)
         self.lora.setCurrentIndex(max(0, self.lora.findData(current)))
         self.lora.blockSignals(False)
+
+    def _show_lora_path(self, path: str) -> None:
+        index = self.lora.findData(path)
+        if index >= 0 and index != self.lora.currentIndex():
+            self.lora.blockSignals(True)
+            self.lora.setCurrentIndex(index)
+            self.lora.blockSignals(False)
 
     def _show_connection(self) -> None:
         status = self.state.connection

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..model.settings import DEVICES, MANAGED, REMOTE, Settings
+from ..model.settings import DEVICES, MANAGED, REMOTE, Settings, default_datasets_folder
 from ..qt import QtWidgets
 
 
@@ -61,6 +61,16 @@ class SettingsDialog(QtWidgets.QDialog):
         pairs_row.addWidget(pick)
         pairs_form = QtWidgets.QFormLayout()
         pairs_form.addRow("Training pairs folder", pairs_row)
+        datasets_row = QtWidgets.QHBoxLayout()
+        self.datasets_folder = QtWidgets.QLineEdit(settings.datasets_folder)
+        self.datasets_folder.setPlaceholderText(str(default_datasets_folder()))
+        self.datasets_folder.setToolTip("Where the Train tab keeps its datasets: one folder per "
+                                        "dataset, each with before/after images and metadata.jsonl")
+        pick_datasets = QtWidgets.QPushButton("Browse…")
+        pick_datasets.clicked.connect(self._browse_datasets)
+        datasets_row.addWidget(self.datasets_folder, 1)
+        datasets_row.addWidget(pick_datasets)
+        pairs_form.addRow("Datasets folder", datasets_row)
         layout.addLayout(pairs_form)
 
         self.problem_label = QtWidgets.QLabel()
@@ -84,6 +94,7 @@ class SettingsDialog(QtWidgets.QDialog):
             remote_url=self.remote_url.text().strip().rstrip("/"),
             remote_token=self.remote_token.text().strip(),
             pairs_folder=self.pairs_folder.text().strip(),
+            datasets_folder=self.datasets_folder.text().strip(),
         )
 
     def _accept(self) -> None:
@@ -102,3 +113,8 @@ class SettingsDialog(QtWidgets.QDialog):
         folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Folder for training pairs")
         if folder:
             self.pairs_folder.setText(folder)
+
+    def _browse_datasets(self) -> None:
+        folder = QtWidgets.QFileDialog.getExistingDirectory(self, "Folder for training datasets")
+        if folder:
+            self.datasets_folder.setText(folder)
