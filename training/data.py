@@ -67,25 +67,56 @@ class ImageRef:
         return str(self.path) if self.path is not None else self.label
 
     def open(self) -> Image.Image:
-        """Decode fully (so truncated files fail here, not in the middle of training)."""
+        """Decode fully (so truncated files fail here, not in the middle of training).
+
+        Raises `ImageTooLarge` for an image over Pillow's pixel limit (a decompression bomb,
+        or a picture far larger than any training resolution) before decoding it.
+        """
+        try:
+            return self._open()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            # Pillow raises the error past twice its limit; the warning only when warnings are
+            # errors (otherwise `_decoded` refuses the image itself).
+            raise ImageTooLarge(f"{err} Scale the image down.") from err
+
+    def _open(self) -> Image.Image:
         if self.path is not None:
             with Image.open(self.path) as img:
-                img.load()
-                return img.convert("RGB")
+                return _decoded(img)
         assert self.loader is not None
         value = self.loader()
         if isinstance(value, Image.Image):
-            value.load()
-            return value.convert("RGB")
+            return _decoded(value)
         if isinstance(value, dict) and value.get("bytes"):
             with Image.open(io.BytesIO(value["bytes"])) as img:
-                img.load()
-                return img.convert("RGB")
+                return _decoded(img)
         if isinstance(value, dict) and value.get("path"):
-            return ImageRef(path=Path(value["path"])).open()
+            return ImageRef(path=Path(value["path"]))._open()
         if isinstance(value, str):
-            return ImageRef(path=Path(value)).open()
+            return ImageRef(path=Path(value))._open()
         raise ValueError(f"not an image: {type(value).__name__}")
+
+
+class ImageTooLarge(ValueError):
+    """An image over Pillow's pixel limit (`Image.MAX_IMAGE_PIXELS`)."""
+
+
+def _decoded(img: Image.Image) -> Image.Image:
+    """The image decoded as RGB, refused before decoding when its header claims too many pixels.
+
+    Pillow only warns between its limit and twice the limit and would then allocate and
+    decode the whole image (a few hundred MB per image, several images at once in
+    `check_rows`'s threads).
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = img.size
+    if limit is not None and width * height > limit:
+        raise ImageTooLarge(
+            f"{width}×{height} = {width * height} pixels, over Pillow's limit of {limit} "
+            "(a decompression bomb, or far larger than training needs); scale it down"
+        )
+    img.load()
+    return img.convert("RGB")
 
 
 @dataclass(frozen=True)
@@ -183,11 +214,26 @@ def _read_pairs_folder(root: Path, columns: Columns) -> list[PairRow]:
     metadata = root / "metadata.jsonl"
     if not metadata.is_file():
         raise DataError(f"{metadata} not found: a pairs folder needs metadata.jsonl", field="data")
+    with metadata.open("rb") as head:
+        start = head.read(4)
+    if start[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(
+            f'{metadata} is UTF-16 text (e.g. Notepad\'s "Unicode"); save it as UTF-8',
+            field="data",
+        )
     rows: list[PairRow] = []
-    with metadata.open(encoding="utf-8") as lines:
+    # Undecodable bytes become surrogates, so one bad line is a bad row instead of stopping
+    # the whole read with a UnicodeDecodeError.
+    with metadata.open(encoding="utf-8", errors="surrogateescape") as lines:
         for number, line in enumerate(lines, start=1):
             where = f"metadata.jsonl line {number}"
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors)
             if not line.strip():
+                continue
+            not_utf8 = _not_utf8(line)
+            if not_utf8:
+                rows.append(PairRow(where, "", None, None, parse_problem=not_utf8))
                 continue
             try:
                 entry = json.loads(line)
@@ -224,6 +270,19 @@ def _read_pairs_folder(root: Path, columns: Columns) -> list[PairRow]:
     return rows
 
 
+def _not_utf8(line: str) -> str | None:
+    """What is wrong with a line read with errors="surrogateescape", or None if it was UTF-8."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = ord(line[err.start]) - 0xDC00  # surrogateescape maps byte b to U+DC00 + b
+        return (
+            f"not UTF-8 text (byte 0x{byte:02x} at character {err.start + 1}); "
+            "save metadata.jsonl as UTF-8"
+        )
+    return None
+
+
 def split_range(count: int, split: str) -> range:
     """The paper's split of seeds.json: the first 90 % train, then 5 % val, 5 % test."""
     if split == "all":
@@ -240,7 +299,7 @@ def split_range(count: int, split: str) -> range:
 def _read_generated(root: Path, split: str) -> list[PairRow]:
     try:
         seeds = json.loads((root / "seeds.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, or not UTF-8
         raise DataError(f"cannot read {root / 'seeds.json'}: {err}", field="data") from err
     if not isinstance(seeds, list):
         raise DataError(f"{root / 'seeds.json'} must be a list of [folder, [seeds…]]", field="data")
@@ -257,7 +316,7 @@ def _read_generated(root: Path, split: str) -> list[PairRow]:
         try:
             prompt = json.loads(prompt_file.read_text(encoding="utf-8"))
             instruction = str(prompt.get("edit") or "")
-        except (OSError, json.JSONDecodeError, AttributeError) as err:
+        except (OSError, ValueError, AttributeError) as err:  # ValueError: bad JSON, not UTF-8
             rows.append(
                 PairRow(
                     f"{where} ({name})",
@@ -379,6 +438,8 @@ def check_row(row: PairRow) -> list[str]:
             continue
         try:
             sizes[role] = ref.open().size
+        except ImageTooLarge as err:
+            problems.append(f"{role} too large: {ref.describe()} ({err})")
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             problems.append(f"{role} unreadable or corrupt: {ref.describe()} ({err})")
     if len(sizes) == 2 and sizes["input image"] != sizes["edited image"]:

@@ -48,6 +48,24 @@ class EMA:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a saved EMA onto the device the current shadows live on.
+
+        accelerate loads custom checkpoint state with map_location="cpu": taken as it comes,
+        the shadows of a GPU run would stay on the CPU and the first `update` after `--resume`
+        would fail with a device mismatch.
+        """
+        saved = list(state["shadow"])
+        if len(saved) != len(self.shadow) or any(
+            s.shape != t.shape for s, t in zip(saved, self.shadow, strict=False)
+        ):
+            raise ValueError(
+                f"the checkpoint's EMA holds {len(saved)} tensors that do not match the "
+                f"{len(self.shadow)} trained parameters of this run; resume with the same model "
+                "and LoRA settings"
+            )
         self.decay = float(state["decay"])
         self.updates = int(state["updates"])
-        self.shadow = [t.float() for t in state["shadow"]]
+        self.shadow = [
+            s.to(device=t.device, dtype=torch.float32)
+            for s, t in zip(saved, self.shadow, strict=True)
+        ]

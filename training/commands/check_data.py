@@ -1,8 +1,10 @@
 """Check training data before training: every bad row is reported with where it is.
 
-A row is bad when an image file is missing, an image is unreadable or corrupt, the two
-images of a pair differ in size, or the instruction is empty. Nothing is written to the
-data folder. Exit status: 0 when every row is usable, 1 when some are not.
+A row is bad when an image file is missing, an image is unreadable, corrupt or too large
+(over Pillow's decompression-bomb limit of about 89 megapixels; it is refused before it is
+decoded), the two images of a pair differ in size, the instruction is empty, or its line of
+metadata.jsonl is not UTF-8 JSON. Nothing is written to the data folder. Exit status: 0 when
+every row is usable, 1 when some are not, 2 when the data cannot be read at all.
 
 examples:
   instruct-edit-train check-data my_pairs                 # folder with metadata.jsonl
