@@ -22,6 +22,7 @@ import copy
 import gc
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,15 @@ def run_case(case: Case, args: argparse.Namespace) -> list[list[str]]:
         f"engine {args.engine_dtype}": lambda: engine.edit_working_size(image, params)[0],
         f"engine {args.engine_dtype}, s_I = 1 (2 rows)": lambda: engine.edit_working_size(image, unit)[0],
     }
+    if args.compile != "off" and case.family in ("sd-ip2p", "sdxl-ip2p"):
+        compiled = Editor.from_pipeline(engine_pipe, device=args.device, dtype=args.engine_dtype,
+                                        compile=args.compile)
+        started = time.perf_counter()
+        compiled.edit_working_size(image, params)  # warm-up: the compilation itself
+        print(f"# {case.family}: torch.compile ({args.compile}) warm-up {time.perf_counter() - started:.1f} s "
+              "(first edit of the model; later sizes reuse the graph)")
+        variants[f"engine {args.engine_dtype}, compiled ({args.compile})"] = (
+            lambda: compiled.edit_working_size(image, params)[0])
     runs = alternate({name: gpu_peak(fn, peaks, name) for name, fn in variants.items()},
                      repeats=args.repeats, warmup=args.repeats > 1)
     names = list(runs)
@@ -152,6 +162,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", default="off", choices=("off", "default", "max-autotune", "reduce-overhead"),
+                        help="also time the engine with torch.compile (InstructPix2Pix families)")
     args = parser.parse_args()
     gpu = args.device != "cpu"
     args.dtype = args.dtype or ("fp16" if gpu else "fp32")

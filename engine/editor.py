@@ -10,7 +10,9 @@ previews and cancel within one step (`StepHooks`), and a lock (one edit at a tim
 
 from __future__ import annotations
 
+import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,7 @@ from engine.families.base import RunInputs, StepHooks
 from engine.manifest import DEFAULT_MODEL
 from engine.models import load_pipeline
 from engine.request import EditParams, LoraSpec
+from engine.runtimes import resolve_runtime
 from engine.sources import (
     ModelSource,
     hub_file,
@@ -65,6 +68,10 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+# Called with (variant index, the finished image) as each variant is done.
+VariantCallback = Callable[[int, Image.Image], None]
+# LoRA adapters kept loaded per editor; past this the least recently used is unloaded.
+DEFAULT_MAX_LORAS_LOADED = 8
 
 
 @dataclass(frozen=True)
@@ -98,8 +105,12 @@ class Editor:
         quantization: str | None = None,
         model_config: str | None = None,
         pipeline: Any = None,
+        max_loras_loaded: int = DEFAULT_MAX_LORAS_LOADED,
+        runtime: str | None = None,
+        compile: str = "off",
     ) -> None:
         self.device = resolve_device(device)
+        self.max_loras_loaded = max(1, max_loras_loaded)
         self.allow_pickle = allow_pickle
         if memory_plan == "auto" and memory_saving is not None:
             memory_plan = memory_saving
@@ -120,8 +131,23 @@ class Editor:
             self.pipe = load_pipeline(source, self.family, self.dtype, self.quantization, config,
                                       allow_pickle=allow_pickle, entry=self.entry)
         self.pipe = self.family.prepare(self.pipe, self.dtype)
+        # PyTorch or OpenVINO for the networks (engine/runtimes): decided once per loaded model.
+        runtime = runtime or os.environ.get("INSTRUCT_EDIT_RUNTIME", "auto")
+        self.runtime = resolve_runtime(runtime, self.device, self.family.id,
+                                       quantization=self.quantization)
+        # What runs the UNet/VAE instead of the pipeline's own modules (None: those).
+        self._accelerator: Any = None
+        if self.runtime == "openvino":
+            from engine.runtimes.openvino import OpenVINORuntime, cpu_precision
+
+            self._accelerator = OpenVINORuntime(cpu_precision(self.dtype))
+        elif compile != "off":
+            from engine.runtimes.compiled import CompiledRuntime
+
+            self._accelerator = CompiledRuntime(compile, self.family.id)
+        self._lora_key = ""  # the active LoRAs (files and strengths): part of the OpenVINO key
         self._lock = threading.Lock()
-        self._loaded_loras: dict[str, str] = {}  # adapter name -> file
+        self._loaded_loras: OrderedDict[str, str] = OrderedDict()  # adapter -> file, LRU first
         self.plan: str | None = None
         self._text_hooks: list[Any] = []
         self._denoiser_hook: Any = None
@@ -130,9 +156,12 @@ class Editor:
 
     @classmethod
     def from_pipeline(cls, pipe: Any, *, family: str | Family | None = None, device: str = "auto",
-                      dtype: str = "auto", memory_plan: str = "auto", model: str | None = None) -> Editor:
-        """Wrap an already built pipeline; its family is detected from its class."""
-        return cls(model, pipeline=pipe, family=family, device=device, dtype=dtype, memory_plan=memory_plan)
+                      dtype: str = "auto", memory_plan: str = "auto", model: str | None = None,
+                      runtime: str = "torch") -> Editor:
+        """Wrap an already built pipeline; its family is detected from its class. Its networks
+        run as given (PyTorch) unless another `runtime` is asked for."""
+        return cls(model, pipeline=pipe, family=family, device=device, dtype=dtype,
+                   memory_plan=memory_plan, runtime=runtime)
 
     # ---------------------------------------------------------------- public API
     def edit(
@@ -144,27 +173,52 @@ class Editor:
         on_progress: ProgressCallback | None = None,
         cancel: threading.Event | None = None,
         preview_every: int = 0,
+        on_variant: VariantCallback | None = None,
     ) -> list[Image.Image]:
         """Return `params.variants` edited images, each of the input's exact size.
 
         Variant k uses seed + k and equals a single edit with that seed. Raises EditCancelled
         within one step of `cancel` being set, InvalidInput for unusable images, masks or
         parameters, and OutOfMemory when even one variant at a time does not fit.
+
+        Each variant is brought back to full size and made 8-bit as soon as the model has made
+        it (its float copies live only meanwhile). With `on_variant`, each finished image is
+        handed over then (`on_variant(k, image)`) and not kept: the list returned is empty, so
+        a caller that stores or encodes variants never holds them all at once.
         """
         prepared = imaging.prepare_image(image)
         weights = imaging.prepare_mask(mask, prepared.size) if mask is not None else None
         params = apply_preset(params, self.entry)
         resolved = self.resolve(params)
+        out: list[Image.Image] = []
+        delivered = 0
+
+        def deliver(finished: Image.Image) -> None:
+            nonlocal delivered
+            if on_variant is not None:
+                on_variant(delivered, finished)
+            else:
+                out.append(finished)
+            delivered += 1
+
         if params.is_empty:
-            return [prepared.original.copy() for _ in range(params.variants)]
+            for _ in range(params.variants):
+                deliver(prepared.original.copy())
+            return out
         size = self.family.working_size(*prepared.size, resolved.resolution)
         working_input = imaging.resize_to_working_size(prepared, size)
-        with self._lock:
-            results = self._edit_working(working_input, params, resolved, on_progress, cancel, preview_every)
-        out = []
-        for result in results:
+
+        def bring_back(result: np.ndarray) -> None:
             full = imaging.bring_back_to_input_size(prepared.rgb, working_input, result, params.preserve_detail)
-            out.append(imaging.finish(prepared, full, weights))
+            finished = imaging.finish(prepared, full, weights)
+            del full  # the float copy goes before the next variant's is made
+            deliver(finished)
+
+        with self._lock:
+            # Streamed through bring_back; whatever comes back as a list too (none here).
+            for result in self._edit_working(working_input, params, resolved, on_progress, cancel,
+                                             preview_every, bring_back):
+                bring_back(result)
         return out
 
     def edit_working_size(
@@ -216,7 +270,11 @@ class Editor:
         on_progress: ProgressCallback | None,
         cancel: threading.Event | None,
         preview_every: int,
+        on_result: Callable[[np.ndarray], None] | None = None,
     ) -> list[np.ndarray]:
+        """The variants at working size, chunk by chunk down the out-of-memory ladder. With
+        `on_result`, each chunk's results are passed on as soon as the chunk is done, and not
+        kept (the list returned is then empty)."""
         height, width = working_input.shape[:2]
         multiple = self.family.resolution.multiple
         if height % multiple or width % multiple:
@@ -226,11 +284,12 @@ class Editor:
         seeds = [params.seed + k for k in range(params.variants)]
         chunk = len(seeds)
         results: list[np.ndarray] = []
-        while len(results) < len(seeds):
-            todo = seeds[len(results) : len(results) + chunk]
+        done = 0
+        while done < len(seeds):
+            todo = seeds[done : done + chunk]
             try:
-                results.extend(self._run(working_input, params.instruction, resolved, todo,
-                                         on_progress, cancel, preview_every, len(results)))
+                made = list(self._run(working_input, params.instruction, resolved, todo,
+                                      on_progress, cancel, preview_every, done))
             except Exception as err:
                 if not is_out_of_memory(err):
                     raise
@@ -243,6 +302,13 @@ class Editor:
                         "memory saver on; lower the resolution or close other GPU programs",
                         "resolution",
                     ) from err
+                continue
+            done += len(made)
+            if on_result is None:
+                results.extend(made)
+                continue
+            while made:  # handed on one at a time, each dropped before the next is made
+                on_result(made.pop(0))
         return results
 
     def _run(
@@ -274,7 +340,13 @@ class Editor:
             raise EditCancelled()
         inputs = RunInputs(image=working_input, instruction=instruction, steps=resolved.steps,
                            seeds=list(seeds), options=dict(resolved.options))
-        results = family.run(pipe, inputs, StepHooks(step=step), self._execution_device())
+        if self._accelerator is not None:
+            pipe.accelerated = self._accelerator.accelerate(pipe, self._lora_key)
+        try:
+            results = family.run(pipe, inputs, StepHooks(step=step), self._execution_device())
+        finally:  # the pipeline may be shared (benchmarks, tests): leave it as it was
+            if self._accelerator is not None:
+                pipe.accelerated = None
         if cancel is not None and cancel.is_set():
             raise EditCancelled()
         return results
@@ -286,12 +358,15 @@ class Editor:
         if not loras:
             if self._loaded_loras:
                 self.pipe.disable_lora()
+            self._lora_key = ""
             return
-        names, strengths = [], []
+        names, strengths, key = [], [], []
         for lora in loras:
             path = resolve_lora_path(lora.path, self.allow_pickle)
             name = lora_adapter_name(path)
-            if name not in self._loaded_loras:
+            if name in self._loaded_loras:
+                self._loaded_loras.move_to_end(name)
+            else:
                 try:
                     self.pipe.load_lora_weights(str(path), adapter_name=name)
                 except (ValueError, OSError, KeyError, RuntimeError, AttributeError) as err:
@@ -301,8 +376,23 @@ class Editor:
                 self._loaded_loras[name] = str(path)
             names.append(name)
             strengths.append(lora.strength)
+            stat = path.stat()
+            key.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}:{lora.strength}")
+        self._unload_old_loras(keep=set(names))
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=strengths)
+        self._lora_key = "|".join(key)
+
+    def _unload_old_loras(self, keep: set[str]) -> None:
+        """Past `max_loras_loaded`, unload the least recently used adapters (never one this
+        edit uses): a long-running service would otherwise keep every LoRA ever asked for."""
+        for name in list(self._loaded_loras):
+            if len(self._loaded_loras) <= self.max_loras_loaded:
+                return
+            if name in keep:
+                continue
+            self.pipe.delete_adapters(name)
+            del self._loaded_loras[name]
 
     # ---------------------------------------------------------------- memory
     def _vram_table(self) -> dict[str, float]:

@@ -21,6 +21,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# The suite compares the PyTorch path with diffusers exactly, so `auto` means PyTorch here; the
+# OpenVINO path is tested with the runtime named (tests/engine/test_openvino_runtime.py).
+os.environ.setdefault("INSTRUCT_EDIT_RUNTIME", "torch")
 
 
 @pytest.fixture(scope="session")

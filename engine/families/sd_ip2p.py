@@ -155,7 +155,7 @@ class InstructPix2PixFamily(Family):
         s_t, s_i = float(options["text_guidance"]), float(options["image_guidance"])
         rows = rows_needed(s_t, s_i)
         batch = len(inputs.seeds)
-        unet, vae = pipe.unet, pipe.vae
+        unet, vae = networks(pipe)
         height, width = inputs.image.shape[:2]
 
         text, empty, extra = self.encode(pipe, inputs.instruction, device, (height, width), rows)
@@ -199,12 +199,14 @@ class InstructPix2PixFamily(Family):
     def encode(self, pipe: Any, instruction: str, device: torch.device, size: tuple[int, int],
                rows: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, list[torch.Tensor]]]:
         """(instruction embedding, null-text embedding, extra UNet conditions per row)."""
+        # The "null text" is CLIP's embedding of "", not zeros. It is encoded with every edit
+        # (one batch with the instruction), never cached: a LoRA with text-encoder layers, or a
+        # change of its strength, changes it (tests/training/test_training_fixes.py).
         both = _encode_clip(pipe.tokenizer, pipe.text_encoder, [instruction, ""], device)[0]
-        # The "null text" is CLIP's embedding of "", not zeros.
         return both[:1], both[1:], {}
 
     def decode(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-        vae = pipe.vae
+        vae = networks(pipe)[1]
         latents = latents.to(vae.dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
@@ -278,6 +280,15 @@ class SDXLInstructPix2PixFamily(InstructPix2PixFamily):
             "time_ids": [time_ids] * rows,
         }
         return text, empty, extra
+
+
+def networks(pipe: Any) -> tuple[Any, Any]:
+    """(UNet, VAE) as the loop calls them: the pipeline's own, or the accelerated ones the
+    editor attached for the current weights (OpenVINO or torch.compile: engine/runtimes/)."""
+    accelerated = getattr(pipe, "accelerated", None)
+    if accelerated is not None:
+        return accelerated.unet, accelerated.vae
+    return pipe.unet, pipe.vae
 
 
 def _encode_clip(tokenizer: Any, encoder: Any, texts: list[str], device: torch.device,

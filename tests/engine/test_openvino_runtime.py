@@ -1,0 +1,161 @@
+"""The OpenVINO runtime: same loop, networks on OpenVINO, results within a stated bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.editor import Editor
+from engine.errors import InvalidInput
+from engine.request import EditParams
+from engine.runtimes import resolve_runtime
+from tests.tiny_models.sd import build_tiny_pipeline
+
+pytest.importorskip("openvino", reason="the openvino package is a dependency on CPU platforms")
+
+# Mean |Δ| in 0–255 between the OpenVINO and the PyTorch fp32 engine on the tiny model. The
+# full-size bound is measured in benchmarks/bench_cpu_runtimes.py.
+FP32_BOUND = 0.5
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("INSTRUCT_EDIT_CACHE", str(tmp_path))
+    return tmp_path / "openvino"
+
+
+def _params(**options: float) -> EditParams:
+    return EditParams(
+        "make it evening",
+        steps=4,
+        seed=3,
+        variants=1,
+        options={"text_guidance": 7.5, "image_guidance": 1.5, **options},
+    )
+
+
+def _edit(editor: Editor, image: np.ndarray, params: EditParams) -> list[np.ndarray]:
+    return editor.edit_working_size(image, params)
+
+
+def test_openvino_fp32_matches_the_pytorch_engine(cache: Path) -> None:
+    image = np.random.default_rng(0).random((32, 48, 3)).astype(np.float32)
+    reference = Editor.from_pipeline(build_tiny_pipeline(), device="cpu", dtype="fp32")
+    fast = Editor.from_pipeline(
+        build_tiny_pipeline(), device="cpu", dtype="fp32", runtime="openvino"
+    )
+    assert fast.runtime == "openvino" and fast._accelerator.precision == "f32"
+    for options in ({}, {"image_guidance": 1.0}, {"image_guidance": 0.7}):
+        expected = _edit(reference, image, _params(**options))[0]
+        got = _edit(fast, image, _params(**options))[0]
+        assert got.shape == expected.shape
+        mean_delta = float(np.abs(got - expected).mean() * 255)
+        assert mean_delta < FP32_BOUND, (options, mean_delta)
+    # One export per network, in the cache folder.
+    exports = [p for p in cache.iterdir() if p.is_dir() and p.name != "compiled"]
+    assert {p.name for e in exports for p in e.glob("*.xml")} == {
+        "unet.xml",
+        "vae_encoder.xml",
+        "vae_decoder.xml",
+    }
+
+
+def test_variants_equal_single_runs_and_sizes_share_one_export(cache: Path) -> None:
+    fast = Editor.from_pipeline(
+        build_tiny_pipeline(), device="cpu", dtype="fp32", runtime="openvino"
+    )
+    image = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
+    params = _params()
+    together = fast.edit_working_size(
+        image, EditParams(params.instruction, steps=4, seed=5, variants=3, options=params.options)
+    )
+    for k in range(3):
+        single = fast.edit_working_size(
+            image,
+            EditParams(params.instruction, steps=4, seed=5 + k, variants=1, options=params.options),
+        )[0]
+        assert np.abs(together[k] - single).mean() * 255 < FP32_BOUND
+    # Another working size runs on the same (dynamic-shape) export.
+    wide = np.random.default_rng(2).random((32, 64, 3)).astype(np.float32)
+    assert fast.edit_working_size(wide, params)[0].shape == (32, 64, 3)
+    assert len(list(cache.rglob("*.xml"))) == 3  # UNet, VAE encoder, VAE decoder
+
+
+def test_changed_weights_get_a_new_export_and_the_cache_is_reused(cache: Path) -> None:
+    image = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    first = Editor.from_pipeline(build_tiny_pipeline(seed=0), device="cpu", dtype="fp32",
+                                 runtime="openvino")  # fmt: skip
+    a = first.edit_working_size(image, _params())[0]
+    exports = {p.name for p in cache.iterdir() if p.name != "compiled"}
+    stamps = {p: p.stat().st_mtime_ns for p in cache.rglob("*.bin")}
+    # Same weights in a new editor: the export on disk is used, not redone.
+    again = Editor.from_pipeline(build_tiny_pipeline(seed=0), device="cpu", dtype="fp32",
+                                 runtime="openvino")  # fmt: skip
+    assert np.array_equal(again.edit_working_size(image, _params())[0], a)
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*.bin")} == stamps
+    # Other weights: a new export, and a different result.
+    other = Editor.from_pipeline(build_tiny_pipeline(seed=1), device="cpu", dtype="fp32",
+                                 runtime="openvino")  # fmt: skip
+    b = other.edit_working_size(image, _params())[0]
+    assert {p.name for p in cache.iterdir() if p.name != "compiled"} > exports
+    assert np.abs(a - b).mean() > 0.01
+
+
+def test_a_lora_changes_the_openvino_result_like_the_pytorch_one(
+    cache: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    donor = build_tiny_pipeline(seed=0)
+    donor.unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights="gaussian",
+        )
+    )
+    with torch.no_grad():  # a visible effect: lora_B is zero-initialised
+        for name, param in donor.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    folder = tmp_path / "lora"
+    StableDiffusionInstructPix2PixPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(donor.unet)
+    )
+    lora_file = folder / "pytorch_lora_weights.safetensors"
+    from engine.request import LoraSpec
+
+    image = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    with_lora = EditParams("make it evening", steps=4, seed=3, variants=1,
+                           options={"text_guidance": 7.5, "image_guidance": 1.5},
+                           loras=(LoraSpec(str(lora_file), 1.0),))  # fmt: skip
+    reference = Editor.from_pipeline(build_tiny_pipeline(), device="cpu", dtype="fp32")
+    fast = Editor.from_pipeline(build_tiny_pipeline(), device="cpu", dtype="fp32",
+                                runtime="openvino")  # fmt: skip
+    plain = fast.edit_working_size(image, _params())[0]
+    expected = reference.edit_working_size(image, with_lora)[0]
+    got = fast.edit_working_size(image, with_lora)[0]
+    assert np.abs(got - expected).mean() * 255 < FP32_BOUND
+    assert np.abs(got - plain).mean() * 255 > 1.0  # the adapter really changed the result
+    # Back without the LoRA: the base export again.
+    assert np.abs(fast.edit_working_size(image, _params())[0] - plain).mean() * 255 < 1e-6
+
+
+def test_runtime_choice() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_runtime("auto", cpu, "sd-ip2p") == "openvino"
+    assert resolve_runtime("auto", cpu, "flux-kontext") == "torch"
+    assert resolve_runtime("auto", cpu, "sd-ip2p", quantization="torchao-int8") == "torch"
+    assert resolve_runtime("torch", cpu, "sd-ip2p") == "torch"
+    with pytest.raises(InvalidInput, match="no OpenVINO graphs"):
+        resolve_runtime("openvino", cpu, "qwen-image-edit")
+    with pytest.raises(InvalidInput, match="CPU only"):
+        resolve_runtime("openvino", torch.device("cuda"), "sd-ip2p")
+    with pytest.raises(InvalidInput, match="not one of"):
+        resolve_runtime("onnx", cpu, "sd-ip2p")
