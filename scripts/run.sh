@@ -10,4 +10,5 @@ cd "$(dirname "$0")/.."
 install_torch auto
 python -m pip install --quiet -e .
 python scripts/install_plugin.py
-exec instruct-edit serve "$@"
+# The painter's own engine on loopback: models picked in the docker download on first use.
+exec instruct-edit serve --allow-downloads "$@"

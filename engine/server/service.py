@@ -107,7 +107,10 @@ class Service:
             ],
             queue=QueueStats(**self.queue.stats()),
             memory=self.memory(),
-            workers=[WorkerState(**state) for state in self.pool.worker_states()],
+            workers=[
+                WorkerState(**self._public_worker_state(state, authenticated))
+                for state in self.pool.worker_states()
+            ],
             instance=Instance(
                 install_id=current_install_id(),
                 token_file=(
@@ -118,6 +121,17 @@ class Service:
                 pid=os.getpid() if local_client else None,
             ),
         )
+
+    @staticmethod
+    def _public_worker_state(state: dict[str, Any], authenticated: bool) -> dict[str, Any]:
+        """A dead worker's error text only for a caller with the token (it can quote paths)."""
+        if state.get("error") is None or authenticated:
+            return state
+        return {
+            **state,
+            "error": "the worker stopped after a fatal error; see the engine log "
+            "(or GET /v1/health with the token) for why",
+        }
 
     def public_model_name(self, target: str) -> str:
         """What health calls a model: its id when it is a catalogue or hub id, else (a folder
