@@ -50,6 +50,7 @@ from training.data import (
 from training.ema import EMA
 from training.export import export
 from training.objectives import load_trainee
+from training.objectives.flow import BASE_QUANTIZATIONS
 from training.objectives.ip2p import (  # re-exported: the paper's loss is part of this API
     DEFAULT_LORA_RANK,
     conditioning_dropout_masks,
@@ -96,6 +97,10 @@ class TrainConfig:
     use_8bit_adam: bool = False
     ema: bool = False
     ema_decay: float = 0.9999
+    # Flow-matching families only: the frozen base weights quantized (QLoRA-style), and the
+    # conditioning (text embeddings, reference latents) of each row computed once.
+    base_quantization: str = "none"  # none | torchao-int8 | bnb-8bit | bnb-4bit
+    cache_conditioning: bool = False
     seed: int = 0
     dataloader_workers: int = 0
     local_files_only: bool = False
@@ -227,11 +232,13 @@ def check_config(config: TrainConfig) -> None:
         "conditioning_dropout": 0.0 <= config.conditioning_dropout <= 1 / 3,
         "ema_decay": 0.0 <= config.ema_decay < 1.0,
         "lora_rank": config.lora_rank is None or config.lora_rank >= 1,
+        "base_quantization": config.base_quantization in BASE_QUANTIZATIONS,
     }
     hints = {
         "resolution": "a multiple of 8 (the paper: 256)",
         "conditioning_dropout": "from 0 to 1/3 (each of its three cases gets this probability)",
         "ema_decay": "from 0 to below 1 (the paper: 0.9999)",
+        "base_quantization": "one of " + ", ".join(BASE_QUANTIZATIONS),
     }
     for name, ok in problems.items():
         if not ok:
@@ -289,16 +296,27 @@ def train(
 
     # 2. Model: the family's trainee (frozen encoders; the denoiser fully or through a LoRA).
     set_seed(config.seed)  # e.g. the adapter's random init must not depend on earlier draws
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        accelerator.mixed_precision, torch.float32
+    )
     trainee = load_trainee(
         config.model,
         lora_rank=config.lora_rank,
         lora_alpha=config.lora_alpha,
         full=config.full,
         local_files_only=config.local_files_only,
+        weight_dtype=weight_dtype,  # a 12B base must not pass through float32 on the way
+        base_quantization=config.base_quantization,
+        cache_conditioning=config.cache_conditioning,
     )
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        accelerator.mixed_precision, torch.float32
-    )
+    # Latent packing needs more than the VAE's 8 (FLUX: 2×2 patches of 8× latents = 16).
+    multiple = getattr(trainee, "resolution_multiple", 8)
+    if config.resolution % multiple:
+        raise InvalidInput(
+            f"resolution {config.resolution} is not usable for {trainee.family} models; use a "
+            f"multiple of {multiple} (e.g. {max(multiple, config.resolution // multiple * multiple)})",
+            field="resolution",
+        )
     device = accelerator.device
     trainee.place(device, weight_dtype)
     denoiser = trainee.denoiser
@@ -346,8 +364,10 @@ def train(
         "grad_accum": config.grad_accum,
         "world_size": world_size,
         "resolution": config.resolution,
+        "augmentation": not config.cache_conditioning,
         "rows": len(rows),
         "data": rows_fingerprint(rows),
+        "ema": config.ema,  # the checkpoint holds an EMA state or not: accelerate needs the same
     }
     start_step = 0
     if resume_from is not None:
@@ -359,8 +379,18 @@ def train(
     elif config.resume:
         say("no checkpoint to resume from: starting at step 0")
 
-    # 5. Data in the fixed, resumable order.
-    dataset = PairDataset(rows, config.resolution, config.seed, random_flip=config.random_flip)
+    # 5. Data in the fixed, resumable order. Cached conditioning is of one fixed view of each
+    # row, so caching turns the random crop and flip off (a new view would be a cache miss).
+    augment = not config.cache_conditioning
+    if config.cache_conditioning:
+        say("--cache-conditioning: each row is used centre-cropped and unflipped")
+    dataset = PairDataset(
+        rows,
+        config.resolution,
+        config.seed,
+        random_flip=config.random_flip and augment,
+        random_crop=augment,
+    )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=StreamBatchSampler(

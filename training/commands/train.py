@@ -1,11 +1,18 @@
-"""Fine-tune an InstructPix2Pix model on before/after pairs.
+"""Fine-tune an edit model on before/after pairs.
 
-The base is an InstructPix2Pix model (LoRA on the UNet attention by default, --full for
-all UNet weights) or a Stable Diffusion 1.x text-to-image model (its UNet gets the paper's
-8-channel input and is trained fully). Every row of the data is checked first; bad rows
-stop the run before training unless --skip-bad is given.
+The base is a model of any trainable family: an InstructPix2Pix model (LoRA on the UNet
+attention by default, --full for all UNet weights), a Stable Diffusion 1.x text-to-image model
+(its UNet gets the paper's 8-channel input and is trained fully), or a flow-matching edit model
+(FLUX.1 Kontext, FLUX.2 klein, Qwen-Image-Edit: a LoRA on the transformer's attention and MLP
+projections, rectified-flow loss). Every row of the data is checked first; bad rows stop the
+run before training unless --skip-bad is given.
 
 examples:
+  # a FLUX.1 Kontext LoRA on one 24 GB GPU: bf16, int8 frozen base, checkpointing, cache
+  instruct-edit-train train --data my_pairs --model black-forest-labs/FLUX.1-Kontext-dev \\
+      --output my_kontext_lora --resolution 512 --batch-size 1 --mixed-precision bf16 \\
+      --base-quantization torchao-int8 --gradient-checkpointing --cache-conditioning
+
   # LoRA on the paper's model, a pairs folder (metadata.jsonl), one consumer GPU
   instruct-edit-train train --data my_pairs --model timbrooks/instruct-pix2pix \\
       --output my_lora --max-steps 2000 --mixed-precision fp16 --gradient-checkpointing
@@ -30,9 +37,10 @@ import argparse
 from pathlib import Path
 
 from training.commands.check_data import add_data_arguments, columns_from
+from training.objectives.flow import BASE_QUANTIZATIONS
 from training.train_loop import DEFAULT_LORA_RANK, TrainConfig, train
 
-HELP = "fine-tune a model on before/after pairs (LoRA or full)"
+HELP = "fine-tune an edit model of any trainable family on before/after pairs (LoRA or full)"
 
 
 def _positive(value: str) -> int:
@@ -68,12 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--lora-rank",
         type=_positive,
-        help=f"train a LoRA adapter of this rank (default {DEFAULT_LORA_RANK} for an InstructPix2Pix base)",
+        help=f"train a LoRA adapter of this rank (default {DEFAULT_LORA_RANK} for an "
+        "InstructPix2Pix or flow-matching base)",
     )
     mode.add_argument(
         "--full",
         action="store_true",
-        help="train every UNet weight (the default for a text-to-image base)",
+        help="train every weight of the UNet/transformer (the default for a text-to-image base)",
     )
     parser.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: the rank)")
     parser.add_argument(
@@ -143,12 +152,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--conditioning-dropout",
         type=float,
         default=0.05,
-        help="probability of each of: no text, no image, neither (default 0.05)",
+        help="InstructPix2Pix only: probability of each of: no text, no image, neither "
+        "(default 0.05)",
     )
     parser.add_argument(
         "--no-flip",
         action="store_true",
         help="no random horizontal flip (e.g. for text or left/right edits)",
+    )
+    parser.add_argument(
+        "--base-quantization",
+        choices=BASE_QUANTIZATIONS,
+        default="none",
+        help="flow-matching families: keep the frozen base weights quantized, QLoRA-style "
+        "(torchao-int8 runs anywhere; bnb-8bit/bnb-4bit need CUDA); default none",
+    )
+    parser.add_argument(
+        "--cache-conditioning",
+        action="store_true",
+        help="flow-matching families: encode each row's text and reference image once and "
+        "reuse them (turns random crop/flip off)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -195,6 +218,8 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         ema=args.ema,
         ema_decay=args.ema_decay,
         conditioning_dropout=args.conditioning_dropout,
+        base_quantization=args.base_quantization,
+        cache_conditioning=args.cache_conditioning,
         random_flip=not args.no_flip,
         seed=args.seed,
         dataloader_workers=args.dataloader_workers,

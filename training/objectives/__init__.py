@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from engine.errors import InvalidInput
 from training.objectives.base import CardInfo, Trainee
 
@@ -17,12 +19,41 @@ __all__ = ["TRAINABLE_FAMILIES", "CardInfo", "Trainee", "family_of", "load_train
 def _ip2p(model: str, **options: object) -> Trainee:
     from training.objectives.ip2p import InstructPix2PixTrainee
 
+    # The flow families' options (weight dtype, base quantization, conditioning cache) do
+    # not apply; load_trainee refuses non-default ones before this.
+    for name in FLOW_OPTIONS:
+        options.pop(name, None)
     return InstructPix2PixTrainee(model, **options)  # type: ignore[arg-type]
 
 
-# family id -> builder(model, lora_rank=, lora_alpha=, full=, local_files_only=)
+def _flux_kontext(model: str, **options: object) -> Trainee:
+    from training.objectives.flux_kontext import FluxKontextTrainee
+
+    return FluxKontextTrainee(model, **options)  # type: ignore[arg-type]
+
+
+def _flux2_klein(model: str, **options: object) -> Trainee:
+    from training.objectives.flux2_klein import Flux2KleinTrainee
+
+    return Flux2KleinTrainee(model, **options)  # type: ignore[arg-type]
+
+
+def _qwen_edit(model: str, **options: object) -> Trainee:
+    from training.objectives.qwen_edit import QwenImageEditTrainee
+
+    return QwenImageEditTrainee(model, **options)
+
+
+# Options only the flow-matching families take (FlowTrainee's keyword arguments).
+FLOW_OPTIONS = ("weight_dtype", "base_quantization", "cache_conditioning")
+
+# family id -> builder(model, lora_rank=, lora_alpha=, full=, local_files_only=,
+#                      weight_dtype=, base_quantization=, cache_conditioning=)
 TRAINABLE_FAMILIES: dict[str, Callable[..., Trainee]] = {
     "sd-ip2p": _ip2p,
+    "flux-kontext": _flux_kontext,
+    "flux2-klein": _flux2_klein,
+    "qwen-image-edit": _qwen_edit,
 }
 
 
@@ -44,6 +75,9 @@ def load_trainee(
     lora_alpha: float | None,
     full: bool,
     local_files_only: bool,
+    weight_dtype: torch.dtype = torch.float32,
+    base_quantization: str = "none",
+    cache_conditioning: bool = False,
 ) -> Trainee:
     family = family_of(model)
     builder = TRAINABLE_FAMILIES.get(family)
@@ -53,10 +87,20 @@ def load_trainee(
             f"families: {', '.join(sorted(TRAINABLE_FAMILIES))}",
             field="model",
         )
+    if family == "sd-ip2p" and (base_quantization != "none" or cache_conditioning):
+        flag = "--base-quantization" if base_quantization != "none" else "--cache-conditioning"
+        raise InvalidInput(
+            f"{flag} is offered for the flow-matching families (FLUX.1 Kontext, FLUX.2 klein, "
+            "Qwen-Image-Edit), not for InstructPix2Pix; leave it out",
+            field="base_quantization" if base_quantization != "none" else "cache_conditioning",
+        )
     return builder(
         model,
         lora_rank=lora_rank,
         lora_alpha=lora_alpha,
         full=full,
         local_files_only=local_files_only,
+        weight_dtype=weight_dtype,
+        base_quantization=base_quantization,
+        cache_conditioning=cache_conditioning,
     )
