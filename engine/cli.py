@@ -298,6 +298,8 @@ def run_edit(args: argparse.Namespace) -> int:
 
     if not console.debug_requested(args.debug):
         console.quiet_loading_bars(keep_download_bars=not args.quiet)
+    if not args.quiet:
+        console.show_engine_notes()
 
     editor = Editor(
         args.model, family=family, device=args.device, dtype=args.dtype,

@@ -26,6 +26,8 @@ LIBRARY_LOGGERS = (
     "peft",
     "bitsandbytes",
     "gguf",
+    "openvino",
+    "nncf",
 )
 # Read by transformers and diffusers when they configure their own loggers, at import.
 VERBOSITY_ENV = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY")
@@ -64,3 +66,15 @@ def quiet_loading_bars(keep_download_bars: bool) -> None:
     transformers_logging.disable_progress_bar()  # turns the hub's bars off too
     if keep_download_bars:
         hub_utils.enable_progress_bars()
+
+
+def show_engine_notes() -> None:
+    """The engine's own notes (e.g. "OpenVINO: converting the UNet … (first use only)") on
+    stderr, one plain line each: they explain a wait the painter would otherwise not."""
+    logger = logging.getLogger("instruct_edit")
+    if not any(getattr(h, "_instruct_edit_notes", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._instruct_edit_notes = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

@@ -89,7 +89,7 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         stride = max(1, flat.numel() // 64)
         sample = flat[::stride][:64].float().cpu().numpy()
         digest.update(sample.tobytes())
-        digest.update(np.float64(flat.double().sum().item()).tobytes())
+        digest.update(np.float64(flat.float().sum().item()).tobytes())
     return digest.hexdigest()[:24]
 
 
