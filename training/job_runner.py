@@ -29,15 +29,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from training.train_loop import StopTraining
+
 PAUSE_POLL_S = 0.2
 
 
-class StopRequested(Exception):
-    """The stop file appeared: end the run between two steps."""
+class StopRequested(StopTraining):
+    """The stop file appeared: end the run after this step (train() checkpoints it first)."""
 
 
-class ServiceGone(Exception):
-    """The service that started this runner ended."""
+class ServiceGone(StopTraining):
+    """The service that started this runner ended (checkpointed too: resume continues here)."""
 
 
 def service_alive(pid: int | None) -> bool:

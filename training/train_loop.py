@@ -107,6 +107,11 @@ class TrainConfig:
     progress: bool = True
 
 
+class StopTraining(Exception):
+    """Raised by `on_step_end` to end the run after the current step; `train()` writes a
+    checkpoint of that step first and re-raises."""
+
+
 @dataclass
 class TrainResult:
     output: Path
@@ -504,7 +509,16 @@ def train(
         if config.validate_every and step % config.validate_every == 0 and main:
             validate(step)
         if on_step_end is not None:
-            on_step_end(step, mean_loss)
+            try:
+                on_step_end(step, mean_loss)
+            except StopTraining:
+                # Asked to stop (e.g. a cancel in the docker): keep this very step, so that
+                # `--resume` continues here instead of repeating the steps since the last
+                # periodic checkpoint.
+                progress.close()
+                save_state(step)
+                accelerator.end_training()
+                raise
     progress.close()
 
     # 7. Final checkpoint (so a longer --max-steps can resume) and the deliverable.

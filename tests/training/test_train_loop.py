@@ -315,3 +315,27 @@ def test_a_sigkilled_training_process_resumes_to_the_same_result(
     a, b = load_file(whole.weights), load_file(resumed.weights)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_stop_request_checkpoints_that_step_and_resume_continues_there(
+    tmp_path: Path, tiny_model_dir: Path, pairs_dir: Path
+) -> None:
+    from training.train_loop import StopTraining
+
+    def stop_after_three(done: int, _loss: float) -> None:
+        if done == 3:
+            raise StopTraining()
+
+    out = tmp_path / "run"
+    # checkpoint_every 2: without the stop's own checkpoint the last one would be step 2.
+    with pytest.raises(StopTraining):
+        train(config(pairs_dir, tiny_model_dir, out, max_steps=6), on_step_end=stop_after_three,
+              **QUIET)  # fmt: skip
+    assert [p.name for p in checkpoint_dirs(out / "checkpoints")][-1] == "step-0000003"
+    steps: list[int] = []
+    result = train(
+        config(pairs_dir, tiny_model_dir, out, max_steps=4, resume=True),
+        on_step_end=lambda done, _loss: steps.append(done),
+        **QUIET,
+    )
+    assert steps == [4] and result.step == 4
