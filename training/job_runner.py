@@ -96,6 +96,9 @@ def build_config(job: dict[str, Any], folder: Path) -> Any:
         validation_steps=int(runner.get("validation_steps") or 20),
         mixed_precision=precision,
         gradient_checkpointing=bool(runner.get("gradient_checkpointing")) and cuda,
+        # Flow families: the engine chose the frozen base's precision from the free memory.
+        base_quantization=str(runner.get("base_quantization") or "none"),
+        cache_conditioning=bool(runner.get("cache_conditioning")),
         local_files_only=bool(runner.get("local_files_only")),
         progress=False,
     )

@@ -312,7 +312,9 @@ async def create_training(request: Request, manager: ManagerDep) -> TrainingStat
 
     name, entry, preset, sizes = manager.check_request(params)
     manager.ensure_none_running()
-    await run_in_threadpool(manager.check_memory_for, entry, preset, sizes["settings"])
+    await run_in_threadpool(
+        manager.check_memory_for, entry, preset, sizes["settings"], sizes["runner"]
+    )
     max_pixels = manager.settings.max_image_pixels
 
     def prepare() -> TrainingJob:

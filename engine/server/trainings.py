@@ -64,20 +64,32 @@ RUNNER_MODULE = "training.job_runner"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 # Which model families a training job of the service fine-tunes: None = trainable, else why
-# not (a family that is not listed is not trainable either). `instruct-edit-train train`
-# accepts more (training/objectives: the flow families too), but the presets, the memory
-# estimate and the runner's settings below are sized for SD 1.5 InstructPix2Pix; a family
-# joins this table with its own presets and memory figures.
-_FLOW_WHY_NOT = (
-    "the engine's training presets and memory checks are for SD 1.5 InstructPix2Pix so far; "
-    "fine-tune this family with `instruct-edit-train train` (docs/training.md)"
-)
+# not (a family that is not listed is not trainable either). The presets are shared; the
+# memory estimate is SD 1.5's for InstructPix2Pix and FLOW_GPU_GIB's for the flow families.
 TRAINABLE_FAMILIES: dict[str, str | None] = {
     "sd-ip2p": None,
     "sdxl-ip2p": "the training package does not fine-tune SDXL InstructPix2Pix models",
-    "flux-kontext": _FLOW_WHY_NOT,
-    "flux2-klein": _FLOW_WHY_NOT,
-    "qwen-image-edit": _FLOW_WHY_NOT,
+    "flux-kontext": None,
+    "flux2-klein": None,
+    "qwen-image-edit": None,
+}
+FLOW_FAMILIES = ("flux-kontext", "flux2-klein", "qwen-image-edit")
+
+# GPU memory (GiB) of a LoRA fine-tune at 512 px, batch 1, gradient checkpointing, per frozen
+# base precision: estimates from parameter counts and counted activations of the full-size
+# architectures (benchmarks/bench_finetune.py, docs/training.md), not GPU measurements.
+# The engine picks the first that fits the free VRAM; smaller (e.g. test) models scale down
+# with their weights.
+FLOW_GPU_GIB: dict[str, dict[str, float]] = {
+    "flux-kontext": {"none": 35.3, "torchao-int8": 19.6, "bnb-4bit": 12.0},
+    "flux2-klein": {"none": 18.2, "torchao-int8": 10.5, "bnb-4bit": 6.7},
+    "qwen-image-edit": {"none": 59.5, "torchao-int8": 32.9, "bnb-4bit": 20.0},
+}
+# Their full-size weights on disk in bf16 (transformer + text encoders + VAE), the scale above.
+FLOW_WEIGHTS_BYTES = {
+    "flux-kontext": 33.7e9,
+    "flux2-klein": 16.0e9,
+    "qwen-image-edit": 57.5e9,
 }
 
 
@@ -181,15 +193,36 @@ def trainability(entry: ModelEntry) -> tuple[bool, str | None]:
 
 
 def _weights_bytes(target: str) -> int | None:
+    """The weight files of a diffusers folder (every component), or None when not local."""
     folder = Path(target)
     if not folder.is_dir():
         return None
     total = 0
-    for component in ("unet", "vae", "text_encoder"):
-        for path in (folder / component).glob("*"):
-            if path.suffix in (".safetensors", ".bin"):
-                total += path.stat().st_size
+    for component in folder.iterdir():
+        if component.is_dir():
+            for path in component.glob("*"):
+                if path.suffix in (".safetensors", ".bin"):
+                    total += path.stat().st_size
     return total or None
+
+
+def flow_plan(
+    family: str, weights_bytes: int | None, free: int | None, device_kind: str
+) -> tuple[str, int]:
+    """(frozen base precision, bytes needed) for a flow family's LoRA fine-tune: on a GPU the
+    lightest-on-quality plan that fits `free`; elsewhere the unquantized base in fp32 (bnb is
+    CUDA-only), which fits only small models."""
+    full = FLOW_WEIGHTS_BYTES[family]
+    scale = min(1.0, (weights_bytes or full) / full)
+    if device_kind != "cuda":
+        # fp32 weights (twice the bf16 files), their gradients-free copy in autocast, data.
+        return "none", int((weights_bytes or full) * 2.5 + 0.5e9 * scale)
+    plans = FLOW_GPU_GIB[family]
+    needs = {plan: int(gib * 2**30 * scale) for plan, gib in plans.items()}
+    for plan, need in needs.items():
+        if free is None or need <= free:
+            return plan, need
+    return "bnb-4bit", needs["bnb-4bit"]
 
 
 SD15_WEIGHTS_BYTES = 4_300_000_000  # UNet + VAE + CLIP text in fp32
@@ -769,6 +802,13 @@ class TrainingManager:
                     422, "overrides.resolution must be a multiple of 8", "overrides.resolution"
                 )
             (settings if target in settings else runner)[target] = kind(value)
+        if entry.family in FLOW_FAMILIES and settings["resolution"] % 16:
+            raise ApiError(
+                422,
+                f"{entry.family} models pack 16-pixel patches: the resolution must be a "
+                f"multiple of 16 (got {settings['resolution']})",
+                "overrides.resolution",
+            )
         steps = settings["max_steps"]
         if runner["validate_every"] is None:
             runner["validate_every"] = max(1, steps // 4)  # four grids over the run
@@ -790,11 +830,21 @@ class TrainingManager:
                     "id",
                 )
 
-    def check_memory_for(self, entry: ModelEntry, preset: Preset, settings: dict) -> None:
-        need = memory_need_bytes(
-            _weights_bytes(entry.target), settings, self.device_kind, preset.gradient_checkpointing
-        )
+    def check_memory_for(
+        self, entry: ModelEntry, preset: Preset, settings: dict, runner: dict | None = None
+    ) -> None:
+        """Refuse a training that does not fit; for a flow family also choose the frozen
+        base's precision (written into `runner`) from the free memory."""
         free, what = free_device_bytes(self.device_kind, self.device)
+        weights = _weights_bytes(entry.target)
+        if entry.family in FLOW_FAMILIES:
+            plan, need = flow_plan(entry.family, weights, free, self.device_kind)
+            if runner is not None:
+                runner["base_quantization"] = plan
+                runner["cache_conditioning"] = True  # the big text encoders run once per pair
+            check_memory(need, free, what, preset.id)
+            return
+        need = memory_need_bytes(weights, settings, self.device_kind, preset.gradient_checkpointing)
         check_memory(need, free, what, preset.id)
 
     def new_job_folder(self) -> tuple[str, Path]:
@@ -1121,7 +1171,7 @@ class TrainingManager:
                 job.model_target = entry.target
         preset = PRESETS_BY_ID.get(job.preset, PRESETS[0])
         if entry is not None:
-            self.check_memory_for(entry, preset, job.settings)
+            self.check_memory_for(entry, preset, job.settings, job.runner)
         with self._lock:
             self.ensure_none_running()
             self._spawn(job, resume=True)

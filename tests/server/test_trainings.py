@@ -283,8 +283,9 @@ def test_training_options_list_trainable_models_presets_and_local_datasets(
     assert models[str(tiny_model_dir)]["trainable"] and models[str(tiny_model_dir)]["family"] == (
         "sd-ip2p"
     )
-    assert not models["black-forest-labs/FLUX.1-Kontext-dev"]["trainable"]
-    assert models["black-forest-labs/FLUX.1-Kontext-dev"]["why_not"]
+    assert models["black-forest-labs/FLUX.1-Kontext-dev"]["trainable"]  # a flow family
+    sdxl = models["diffusers/sdxl-instructpix2pix-768"]
+    assert not sdxl["trainable"] and "SDXL" in sdxl["why_not"]
     assert [p["id"] for p in options["presets"]] == ["quick", "balanced", "thorough"]
     steps = [p["max_steps"] for p in options["presets"]]
     assert steps == sorted(steps) and all("CPU" in p["minutes_hint"] for p in options["presets"])
@@ -632,3 +633,29 @@ def wait_for_edit(client: httpx.Client, job_id: str, timeout: float = 120) -> di
             return status
         time.sleep(0.1)
     raise AssertionError(f"edit {job_id} did not finish")
+
+
+def test_flow_families_get_the_frozen_base_precision_that_fits_the_free_memory() -> None:
+    from engine.server.trainings import ApiError, check_memory, flow_plan
+    from training.job_runner import build_config
+
+    gib = 2**30
+    full = None  # a hub model not on disk: its full size
+    assert flow_plan("flux-kontext", full, 40 * gib, "cuda")[0] == "none"
+    assert flow_plan("flux-kontext", full, 20 * gib, "cuda")[0] == "torchao-int8"
+    assert flow_plan("flux-kontext", full, 13 * gib, "cuda")[0] == "bnb-4bit"
+    plan, need = flow_plan("qwen-image-edit", full, 16 * gib, "cuda")
+    assert plan == "bnb-4bit" and need > 16 * gib
+    with pytest.raises(ApiError, match=r"needs about 20\.0 GiB"):
+        check_memory(need, 16 * gib, "GPU memory", "quick")
+    # A small model scales down: a tiny test model trains anywhere; the CPU never quantizes.
+    assert flow_plan("flux2-klein", 50_000_000, 1 * gib, "cuda") == ("none", pytest.approx(
+        18.2 * gib * 50e6 / 16e9, rel=0.01))  # fmt: skip
+    assert flow_plan("flux2-klein", 50_000_000, 1 * gib, "cpu")[0] == "none"
+    # The runner hands the choice to the training package.
+    job = {"settings": {"lora_rank": 4, "max_steps": 2, "resolution": 32, "batch_size": 1,
+                        "grad_accum": 1, "learning_rate": 1e-4},
+           "runner": {"base_quantization": "torchao-int8", "cache_conditioning": True},
+           "model": "m"}  # fmt: skip
+    config = build_config(job, Path("/tmp/job"))
+    assert config.base_quantization == "torchao-int8" and config.cache_conditioning
