@@ -144,6 +144,7 @@ def default_edit(ov_engine: Editor, torch_engine: Editor, pipe32: object) -> Non
     timings = {}
     for name, params in (
         ("default edit: 512 px, 20 steps, s_T 7.5, s_I 1.5", _params(20)),
+        ("the same with s_I 1 (2 UNet rows)", _params(20, 1.0)),
         ("fast preset shape: 512 px, LCM 4 steps, s_T 1.5, s_I 1", _params(4, 1.0, "lcm", 1.5)),
     ):
         t0 = time.perf_counter()
