@@ -93,6 +93,7 @@ def build_config(job: dict[str, Any], folder: Path) -> Any:
         keep_checkpoints=2,
         validate_every=int(runner.get("validate_every") or 0),
         validation_count=int(runner.get("validation_count") or 4),
+        holdout=int(runner.get("holdout") or 0),
         validation_steps=int(runner.get("validation_steps") or 20),
         mixed_precision=precision,
         gradient_checkpointing=bool(runner.get("gradient_checkpointing")) and cuda,

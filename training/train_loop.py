@@ -91,6 +91,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     validate_every: int = 0
     validation_count: int = 4
+    # Rows kept out of training and used for the validation images (0: validate on the first
+    # `validation_count` training rows, as the paper's script does).
+    holdout: int = 0
     validation_steps: int = 20
     mixed_precision: str | None = None  # None: what `accelerate launch`/config says, else "no"
     gradient_checkpointing: bool = False
@@ -145,18 +148,24 @@ def _square(image: Image.Image, size: int) -> Image.Image:
     )
 
 
-def validation_grid(pairs: list[tuple[Image.Image, Image.Image, str]]) -> Image.Image:
-    """One row per validation instruction: input | result, with the instruction underneath."""
+def validation_grid(
+    pairs: list[tuple[Image.Image, Image.Image, Image.Image | None, str]],
+) -> Image.Image:
+    """One row per validation pair: input | the model's result | the pair's own after (when
+    there is one), with the instruction underneath."""
     from PIL import ImageDraw
 
     size = pairs[0][0].width
     caption = 14
-    grid = Image.new("RGB", (2 * size, len(pairs) * (size + caption)), "white")
+    columns = 3 if any(target is not None for _, _, target, _ in pairs) else 2
+    grid = Image.new("RGB", (columns * size, len(pairs) * (size + caption)), "white")
     draw = ImageDraw.Draw(grid)
-    for row, (source, result, instruction) in enumerate(pairs):
+    for row, (source, result, target, instruction) in enumerate(pairs):
         top = row * (size + caption)
         grid.paste(source, (0, top))
         grid.paste(result.resize((size, size)), (size, top))
+        if target is not None:
+            grid.paste(target.resize((size, size)), (2 * size, top))
         draw.text((2, top + size + 1), instruction[:80], fill="black")
     return grid
 
@@ -237,6 +246,7 @@ def check_config(config: TrainConfig) -> None:
         "conditioning_dropout": 0.0 <= config.conditioning_dropout <= 1 / 3,
         "ema_decay": 0.0 <= config.ema_decay < 1.0,
         "lora_rank": config.lora_rank is None or config.lora_rank >= 1,
+        "holdout": config.holdout >= 0,
         "base_quantization": config.base_quantization in BASE_QUANTIZATIONS,
     }
     hints = {
@@ -298,6 +308,16 @@ def train(
     if accelerator.num_processes > 1:
         bad = broadcast_object_list([bad])[0]
     rows = select_rows(pairs, bad, config.skip_bad, say)
+    held_out: list[PairRow] = []
+    if config.holdout:
+        if config.holdout >= len(rows):
+            raise DataError(
+                f"--holdout {config.holdout} leaves no rows to train on ({len(rows)} usable); "
+                "hold out fewer pairs",
+                field="holdout",
+            )
+        held_out, rows = rows[-config.holdout :], rows[: -config.holdout]
+        say(f"validation on {len(held_out)} held-out pairs, training on {len(rows)}")
 
     # 2. Model: the family's trainee (frozen encoders; the denoiser fully or through a LoRA).
     set_seed(config.seed)  # e.g. the adapter's random init must not depend on earlier draws
@@ -415,7 +435,7 @@ def train(
     if main:
         accelerator.init_trackers("instruct-edit-train", config=run_config)
     checkpoints = output / "checkpoints"
-    validation_rows = rows[: config.validation_count]
+    validation_rows = held_out or rows[: config.validation_count]
 
     def save_state(step: int) -> None:
         write_checkpoint(
@@ -446,7 +466,12 @@ def train(
                     model, source, row.instruction, seed=config.seed + number,
                     steps=config.validation_steps,
                 )  # fmt: skip
-            results.append((source, edited, row.instruction))
+            target = (
+                _square(row.edited_image.open(), config.resolution)
+                if row.edited_image is not None
+                else None
+            )
+            results.append((source, edited, target, row.instruction))
         model.train()
         if ema is not None:
             ema.restore(trainable)

@@ -883,6 +883,8 @@ class TrainingManager:
             runner={
                 **sizes["runner"],
                 "validation_count": min(4, pairs),
+                # Validation shows pairs the training never saw: one in eight, 1 to 4.
+                "holdout": max(1, min(4, pairs // 8)),
                 "device": self.device,
             },
             pairs=pairs,

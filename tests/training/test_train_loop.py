@@ -339,3 +339,23 @@ def test_a_stop_request_checkpoints_that_step_and_resume_continues_there(
         **QUIET,
     )
     assert steps == [4] and result.step == 4
+
+
+def test_holdout_pairs_are_not_trained_on_and_validated_beside_their_own_after(
+    tmp_path: Path, tiny_model_dir: Path, pairs_dir: Path
+) -> None:
+    from PIL import Image
+
+    from training.data import load_pairs
+
+    rows = len(load_pairs(str(pairs_dir)))
+    out = tmp_path / "run"
+    train(config(pairs_dir, tiny_model_dir, out, max_steps=2, holdout=1, validate_every=2,
+                 validation_steps=2), **QUIET)  # fmt: skip
+    state = json.loads((checkpoint_dirs(out / "checkpoints")[-1] / "train_state.json").read_text())
+    assert state["order"]["rows"] == rows - 1  # the held-out pair is not in the training data
+    with Image.open(out / "validation" / "step-0000002.png") as grid:
+        # one row (the held-out pair): before | the model's after | the pair's own after
+        assert grid.size == (3 * 32, 32 + 14)
+    with pytest.raises(DataError, match="leaves no rows"):
+        train(config(pairs_dir, tiny_model_dir, tmp_path / "all", holdout=rows), **QUIET)

@@ -123,6 +123,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps between validation grids (0: never)",
     )
     parser.add_argument(
+        "--holdout",
+        type=_non_negative,
+        default=0,
+        help="keep the last N pairs out of training and validate on them (default 0: validate "
+        "on the first --validation-count training pairs)",
+    )
+    parser.add_argument(
         "--validation-count",
         type=_positive,
         default=4,
@@ -211,6 +218,7 @@ def config_from(args: argparse.Namespace) -> TrainConfig:
         keep_checkpoints=args.keep_checkpoints,
         validate_every=args.validate_every,
         validation_count=args.validation_count,
+        holdout=args.holdout,
         validation_steps=args.validation_steps,
         mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing,
