@@ -33,6 +33,10 @@ class CompiledUNet:
         self.dtype = unet.dtype
 
     def __call__(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
+        # Without these marks dynamo still specialises on each new size (the UNet branches on
+        # its input's shape); `maybe_`: a size the UNet needs static stays static, no error.
+        for dim in (0, 2, 3):
+            torch._dynamo.maybe_mark_dynamic(sample, dim)
         return self.compiled(sample, timestep, **kwargs)
 
 
