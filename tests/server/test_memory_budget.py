@@ -41,6 +41,7 @@ from engine.server.jobs import (
     RESULT_BYTES_PER_PIXEL,
     WORKING_BYTES_PER_PIXEL,
 )
+from engine.sources import lora_adapter_name
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -507,10 +508,11 @@ def test_loras_past_the_cap_are_unloaded_least_recently_used(tmp_path):
     use("b")
     use("a")  # a is now the most recently used
     use("c")  # past the cap: b goes
-    assert editor.pipe.deleted == [editor.pipe.deleted[0]] and "b" in editor.pipe.deleted[0]
+    name = {n: lora_adapter_name(files[n]) for n in files}  # a hash of the path
+    assert editor.pipe.deleted == [name["b"]]
     assert len(editor.pipe.adapters) == 2
     use("c", "d")  # both needed now: a (least recently used) goes, never c or d
-    assert "a" in editor.pipe.deleted[-1] and len(editor.pipe.adapters) == 2
+    assert editor.pipe.deleted[-1] == name["a"] and len(editor.pipe.adapters) == 2
     assert [Path(f).stem for f in editor._loaded_loras.values()] == ["c", "d"]
 
 

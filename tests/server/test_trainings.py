@@ -493,7 +493,7 @@ def test_an_edit_pauses_the_training_cancel_keeps_the_checkpoint_and_resume_fini
     assert [v["step"] for v in final["validations"]] == [2, 4]
     grid = client.get(f"/v1/trainings/{training_id}/validations/1", headers=AUTH)
     assert grid.status_code == 200 and grid.content.startswith(b"\x89PNG")
-    assert Image.open(io.BytesIO(grid.content)).width == 2 * 32  # before | after
+    assert Image.open(io.BytesIO(grid.content)).width == 3 * 32  # before | model | own after
     assert client.get(f"/v1/trainings/{training_id}/validations/2", headers=AUTH).status_code == 404
     lora = final["lora"]["path"]
     assert lora == "trained/ink/pytorch_lora_weights.safetensors"

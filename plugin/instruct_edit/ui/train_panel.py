@@ -88,7 +88,8 @@ class TrainPanel(QtWidgets.QScrollArea):
         self.new_dataset_button = QtWidgets.QPushButton("New…")
         self.new_dataset_button.setToolTip("Create a new dataset")
         self.new_dataset_button.clicked.connect(self._ask_new_dataset)
-        row.addWidget(QtWidgets.QLabel("Dataset"))
+        # The label on its own line: the combo and its button keep a narrow docker narrow.
+        layout.addWidget(QtWidgets.QLabel("Dataset"))
         row.addWidget(self.dataset, 1)
         row.addWidget(self.new_dataset_button)
         layout.addLayout(row)
@@ -96,6 +97,7 @@ class TrainPanel(QtWidgets.QScrollArea):
         # Add a pair from two layers
         pair_box = QtWidgets.QGroupBox("Add a pair from two layers")
         pair_form = QtWidgets.QFormLayout(pair_box)
+        pair_form.setRowWrapPolicy(QtWidgets.QFormLayout.RowWrapPolicy.WrapLongRows)
         self.before_layer = QtWidgets.QComboBox()
         self.before_layer.setToolTip("The picture before the change (e.g. your sketch or flats)")
         self.after_layer = QtWidgets.QComboBox()
@@ -145,6 +147,7 @@ class TrainPanel(QtWidgets.QScrollArea):
         pairs_layout.addWidget(self.pair_preview)
         pairs_row = QtWidgets.QHBoxLayout()
         self.pairs_count = QtWidgets.QLabel()
+        self.pairs_count.setWordWrap(True)  # a narrow docker: wrap rather than widen it
         self.remove_pair_button = QtWidgets.QPushButton("Remove")
         self.remove_pair_button.setToolTip(
             "Remove the selected pairs from the dataset (their images are deleted)"
@@ -158,6 +161,8 @@ class TrainPanel(QtWidgets.QScrollArea):
         # Training form
         train_box = QtWidgets.QGroupBox("Train a LoRA")
         train_form = QtWidgets.QFormLayout(train_box)
+        # Labels above their fields when the docker is narrow (Qt5's wider fonts too).
+        train_form.setRowWrapPolicy(QtWidgets.QFormLayout.RowWrapPolicy.WrapLongRows)
         self.base_model = QtWidgets.QComboBox()
         self.base_model.setToolTip("The model to fine-tune (only those the engine can train)")
         train_form.addRow("Base model", self.base_model)
@@ -180,7 +185,8 @@ class TrainPanel(QtWidgets.QScrollArea):
         self.name.setToolTip("The LoRA's name in the Edit tab's list (default: the dataset's name)")
         self.name.textChanged.connect(lambda text: setattr(state, "name", text))
         train_form.addRow("Name", self.name)
-        buttons = QtWidgets.QHBoxLayout()
+        # Start on its own line, Cancel and Resume beneath: fits a narrow docker (Qt5 fonts too).
+        buttons = QtWidgets.QGridLayout()
         self.start_button = QtWidgets.QPushButton("Start training")
         self.start_button.clicked.connect(lambda: controller.start())
         self.cancel_button = QtWidgets.QPushButton("Cancel")
@@ -193,8 +199,9 @@ class TrainPanel(QtWidgets.QScrollArea):
             "Continue an interrupted or cancelled training from its last checkpoint"
         )
         self.resume_button.clicked.connect(lambda: controller.resume())
-        for button in (self.start_button, self.cancel_button, self.resume_button):
-            buttons.addWidget(button)
+        buttons.addWidget(self.start_button, 0, 0, 1, 2)
+        buttons.addWidget(self.cancel_button, 1, 0)
+        buttons.addWidget(self.resume_button, 1, 1)
         train_form.addRow(buttons)
         layout.addWidget(train_box)
         state.on_change("options", self._show_options, owner=self)
