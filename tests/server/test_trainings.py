@@ -460,6 +460,10 @@ def test_an_edit_pauses_the_training_cancel_keeps_the_checkpoint_and_resume_fini
     client = make_client(factory=FakeFactory(gate=gate))
     pairs = write_pairs(tmp_path / "pairs")
     body = {**request(tiny_model_dir), "dataset_folder": str(pairs)}
+    # The edit first (held by the gate): the training then pauses after its first step,
+    # whatever the machine's speed (a 4-step tiny training can finish before a later edit).
+    edit = submit(client, {"instruction": "make it blue", "steps": 2})
+    assert edit.status_code == 202
     answer = client.post("/v1/trainings", headers=AUTH, json=body)
     assert answer.status_code == 202, answer.text
     training_id = answer.json()["id"]
@@ -467,9 +471,6 @@ def test_an_edit_pauses_the_training_cancel_keeps_the_checkpoint_and_resume_fini
     again = client.post("/v1/trainings", headers=AUTH, json={**body, "name": "other"})
     assert again.status_code == 409 and training_id in again.json()["error"]["message"]
 
-    wait_for(client, training_id, lambda s: s["step"] >= 1)
-    edit = submit(client, {"instruction": "make it blue", "steps": 2})
-    assert edit.status_code == 202
     paused = wait_for(client, training_id, lambda s: s["state"] == "paused")
     time.sleep(1.0)
     still = client.get(f"/v1/trainings/{training_id}", headers=AUTH).json()
@@ -558,6 +559,14 @@ def test_real_engine_restart_interrupts_a_paused_training_and_resume_then_edit_w
     engine, url = start()
     try:
         with httpx.Client(base_url=url, timeout=60, headers=headers) as client:
+            # A long edit first (the tiny model at 512 px, many steps) holds the device, so the
+            # training pauses after its first step however fast the machine is.
+            long_edit = client.post(
+                "/v1/edits",
+                files={"image": ("in.png", png_bytes((512, 512)), "image/png")},
+                data={"params": json.dumps({"instruction": "x", "steps": 150, "resolution": 512})},
+            )
+            assert long_edit.status_code == 202, long_edit.text
             answer = client.post(
                 "/v1/trainings",
                 data={"params": json.dumps(request(tiny_model_dir, name="my ink", max_steps=4))},
@@ -571,14 +580,6 @@ def test_real_engine_restart_interrupts_a_paused_training_and_resume_then_edit_w
             )
             assert answer.status_code == 202, answer.text
             training_id = answer.json()["id"]
-            wait_for(client, training_id, lambda s: s["step"] >= 1, headers=headers)
-            # A long edit (the tiny model at 256 px, many steps) holds the device.
-            long_edit = client.post(
-                "/v1/edits",
-                files={"image": ("in.png", png_bytes((256, 256)), "image/png")},
-                data={"params": json.dumps({"instruction": "x", "steps": 150, "resolution": 256})},
-            )
-            assert long_edit.status_code == 202, long_edit.text
             paused = wait_for(
                 client, training_id, lambda s: s["state"] == "paused", headers=headers
             )
