@@ -62,7 +62,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--runtime", default=None, choices=("auto", "torch", "openvino"),
-        help="what runs the networks: auto = OpenVINO on a CPU for InstructPix2Pix models (several times faster; the first use of a model converts it once, cached), else PyTorch",
+        help="what runs the networks: auto = OpenVINO on a CPU for InstructPix2Pix models (faster than PyTorch there; the first use of a model converts it once, cached), else PyTorch",
     )
     parser.add_argument(
         "--compile", default="off", choices=("off", "default", "max-autotune", "reduce-overhead"),

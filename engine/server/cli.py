@@ -130,7 +130,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--runtime",
         default=None,
         choices=("auto", "torch", "openvino"),
-        help="what runs the networks: auto = OpenVINO on a CPU for InstructPix2Pix models (several times faster; the first use of a model converts it once, cached), else PyTorch",
+        help="what runs the networks: auto = OpenVINO on a CPU for InstructPix2Pix models (faster than PyTorch there; the first use of a model converts it once, cached), else PyTorch",
     )
     models.add_argument(
         "--memory-plan",
