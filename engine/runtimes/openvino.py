@@ -308,17 +308,18 @@ class OpenVINORuntime:
         self.threads = threads or torch.get_num_threads()
         self.report = report or log.info
         self._compiled: OrderedDict[str, Accelerated] = OrderedDict()
-        self._base_prints: dict[int, str] = {}
+        self._base_prints: dict[int, tuple[torch.nn.Module, str]] = {}
         self._lock = threading.Lock()
 
     def _fingerprint(self, pipe: Any, module_name: str, extra: str) -> str:
         module = getattr(pipe, module_name)
         # The base weights never change while loaded (LoRAs are named in `extra`): hash once
         # per module object.
-        base = self._base_prints.get(id(module))
-        if base is None:
-            base = self._base_prints[id(module)] = weights_fingerprint(module)
-        return hashlib.sha256(f"{base}|{extra}".encode()).hexdigest()[:24]
+        known = self._base_prints.get(id(module))
+        if known is None or known[0] is not module:
+            # The module is kept with its print, so its id cannot be reused by another one.
+            known = self._base_prints[id(module)] = (module, weights_fingerprint(module))
+        return hashlib.sha256(f"{known[1]}|{extra}".encode()).hexdigest()[:24]
 
     def accelerate(self, pipe: Any, loras: str = "") -> Accelerated:
         """The compiled networks for the pipeline's current weights (`loras` names the active
