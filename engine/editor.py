@@ -137,10 +137,11 @@ class Editor:
                                        quantization=self.quantization)
         # What runs the UNet/VAE instead of the pipeline's own modules (None: those).
         self._accelerator: Any = None
-        if self.runtime == "openvino":
+        if self.runtime in ("openvino", "openvino-int8"):
             from engine.runtimes.openvino import OpenVINORuntime, cpu_precision
 
-            self._accelerator = OpenVINORuntime(cpu_precision(self.dtype))
+            self._accelerator = OpenVINORuntime(cpu_precision(self.dtype),
+                                                int8_unet=self.runtime == "openvino-int8")
         elif compile != "off":
             from engine.runtimes.compiled import CompiledRuntime
 
@@ -341,7 +342,8 @@ class Editor:
         inputs = RunInputs(image=working_input, instruction=instruction, steps=resolved.steps,
                            seeds=list(seeds), options=dict(resolved.options))
         if self._accelerator is not None:
-            pipe.accelerated = self._accelerator.accelerate(pipe, self._lora_key)
+            pipe.accelerated = self._accelerator.accelerate(pipe, self._lora_key,
+                                                            calibrate=self._calibration_edit)
         try:
             results = family.run(pipe, inputs, StepHooks(step=step), self._execution_device())
         finally:  # the pipeline may be shared (benchmarks, tests): leave it as it was
@@ -350,6 +352,27 @@ class Editor:
         if cancel is not None and cancel.is_set():
             raise EditCancelled()
         return results
+
+    def _calibration_edit(self, networks: Any, index: int) -> None:
+        """One short edit of drawn picture `index` through the family's own loop with these
+        networks (the int8 runtime records the UNet's inputs: engine/runtimes/calibration.py)."""
+        from engine.runtimes.calibration import (
+            CALIBRATION_INSTRUCTIONS,
+            CALIBRATION_SIZE,
+            CALIBRATION_STEPS,
+            calibration_picture,
+        )
+
+        instruction = CALIBRATION_INSTRUCTIONS[index % len(CALIBRATION_INSTRUCTIONS)]
+        resolved = self.resolve(EditParams(instruction, steps=CALIBRATION_STEPS, seed=index))
+        inputs = RunInputs(image=calibration_picture(index, CALIBRATION_SIZE), instruction=instruction,
+                           steps=CALIBRATION_STEPS, seeds=[index], options=dict(resolved.options))
+        pipe = self.pipe
+        pipe.accelerated = networks
+        try:
+            self.family.run(pipe, inputs, StepHooks(step=lambda *_: None), self._execution_device())
+        finally:
+            pipe.accelerated = None
 
     # ---------------------------------------------------------------- LoRAs
     def _activate_loras(self, loras: Sequence[LoraSpec]) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from engine.errors import InvalidInput
 
-RUNTIMES = ("auto", "torch", "openvino")
+RUNTIMES = ("auto", "torch", "openvino", "openvino-int8")
 # Families whose networks have OpenVINO graphs (engine/runtimes/openvino.py).
 OPENVINO_FAMILIES = ("sd-ip2p",)
 
@@ -20,9 +20,10 @@ OPENVINO_FAMILIES = ("sd-ip2p",)
 def resolve_runtime(
     requested: str, device: torch.device, family_id: str, *, quantization: str | None = None
 ) -> str:
-    """`torch` or `openvino` for this device and family; an explicit choice that cannot work is
-    an error naming the reason."""
-    from engine.runtimes.openvino import openvino_available
+    """`torch`, `openvino` or `openvino-int8` for this device and family; an explicit choice
+    that cannot work is an error naming the reason. `auto` never picks int8: it changes the
+    result more than the float runtimes do (see engine/runtimes/openvino.py)."""
+    from engine.runtimes.openvino import nncf_available, openvino_available
 
     if requested not in RUNTIMES:
         raise InvalidInput(f"runtime {requested!r} is not one of {', '.join(RUNTIMES)}", "runtime")
@@ -37,8 +38,10 @@ def resolve_runtime(
         reasons.append(f"quantization {quantization} applies to PyTorch weights")
     if not openvino_available():
         reasons.append("the openvino package is not installed (pip install openvino)")
+    if requested == "openvino-int8" and not nncf_available():
+        reasons.append("int8 needs the nncf package (pip install 'instruct-edit[cpu-int8]')")
     if not reasons:
-        return "openvino"
-    if requested == "openvino":
-        raise InvalidInput("--runtime openvino cannot be used: " + "; ".join(reasons), "runtime")
+        return "openvino" if requested == "auto" else requested
+    if requested != "auto":
+        raise InvalidInput(f"--runtime {requested} cannot be used: " + "; ".join(reasons), "runtime")
     return "torch"

@@ -66,7 +66,7 @@ class CompiledRuntime:
         self.backend = backend
         self._compiled: Compiled | None = None
 
-    def accelerate(self, pipe: Any, loras: str = "") -> Compiled:
+    def accelerate(self, pipe: Any, loras: str = "", calibrate: Any = None) -> Compiled:
         if self._compiled is None or self._compiled.unet.unet is not pipe.unet:
             options: dict[str, Any] = {"backend": self.backend, "dynamic": True}
             if self.backend == "inductor" and self.mode != "default":
