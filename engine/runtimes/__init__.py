@@ -43,5 +43,7 @@ def resolve_runtime(
     if not reasons:
         return "openvino" if requested == "auto" else requested
     if requested != "auto":
-        raise InvalidInput(f"--runtime {requested} cannot be used: " + "; ".join(reasons), "runtime")
+        raise InvalidInput(
+            f"--runtime {requested} cannot be used: " + "; ".join(reasons), "runtime"
+        )
     return "torch"

@@ -23,6 +23,8 @@ import torch
 log = logging.getLogger("instruct_edit.compiled")
 
 COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+
+
 class CompiledUNet:
     """The compiled UNet, called as the loop calls `pipe.unet`."""
 

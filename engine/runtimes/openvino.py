@@ -320,7 +320,9 @@ class UNetRecorder:
     ) -> tuple[torch.Tensor]:
         out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **unused)
         steps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        inputs = [t.detach().float().cpu().numpy().copy() for t in (sample, steps, encoder_hidden_states)]
+        inputs = [
+            t.detach().float().cpu().numpy().copy() for t in (sample, steps, encoder_hidden_states)
+        ]
         self.calls.append((inputs, out[0].float().cpu().numpy().copy()))
         return out
 
@@ -505,8 +507,9 @@ class OpenVINORuntime:
         # The check: the int8 UNet against the float one on the steps of a picture it was not
         # calibrated on.
         compiled = self.core.compile_model(
-            quantized, "CPU", {"INFERENCE_PRECISION_HINT": self.precision,
-                               "INFERENCE_NUM_THREADS": self.threads}
+            quantized,
+            "CPU",
+            {"INFERENCE_PRECISION_HINT": self.precision, "INFERENCE_NUM_THREADS": self.threads},
         )
         request = compiled.create_infer_request()
         changed = total = 0.0
@@ -519,8 +522,13 @@ class OpenVINORuntime:
         try:
             ov.save_model(quantized, scratch / target.name)
             (scratch / verdict.name).write_text(
-                json.dumps({"relative_error": error, "calibration_calls": len(calibration),
-                            "held_out_calls": len(held_out)}),
+                json.dumps(
+                    {
+                        "relative_error": error,
+                        "calibration_calls": len(calibration),
+                        "held_out_calls": len(held_out),
+                    }
+                ),
                 encoding="utf-8",
             )
             # The verdict last: its presence says the export is complete.

@@ -197,7 +197,9 @@ def test_int8_unet_is_calibrated_once_checked_and_stays_within_its_bound(
     mean_delta = float(np.abs(got - expected).mean() * 255)
     assert 0 < mean_delta < INT8_BOUND, mean_delta  # quantized (not the float UNet), and close
     accelerated = next(iter(fast._accelerator._compiled.values()))
-    assert accelerated.int8_error is not None and 0 < accelerated.int8_error < TINY_INT8_RELATIVE_ERROR
+    assert (
+        accelerated.int8_error is not None and 0 < accelerated.int8_error < TINY_INT8_RELATIVE_ERROR
+    )
     assert any("quantized to int8" in m for m in messages), messages
     int8_files = sorted(p.name for p in cache.rglob("unet_int8*"))
     assert int8_files == ["unet_int8.bin", "unet_int8.json", "unet_int8.xml"]
