@@ -39,16 +39,30 @@ LARGE_WORKING_PIXELS = 1536 * 1536
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's instruction-set flags in Linux's /proc/cpuinfo spelling (avx2, avx512_bf16,
+    avx512_vnni, avx_vnni, amx_bf16 …). /proc/cpuinfo where there is one; elsewhere (Windows,
+    macOS) PyTorch's cpuinfo-based report, whose names are mapped to the same spelling."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags") and ":" in line:
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:
+        capabilities = torch.cpu.get_capabilities()  # type: ignore[attr-defined]
+    except (AttributeError, RuntimeError):
+        return frozenset()
+    renamed = {"avx512_f": "avx512f", "avx512_bw": "avx512bw", "amx_tile": "amx_tile"}
+    return frozenset(renamed.get(name, name) for name, on in capabilities.items() if on is True)
+
+
 def cpu_has_fast_bf16() -> bool:
     """True where the CPU does bf16 matrix maths natively (AVX512-BF16 or AMX): ~4× over fp32."""
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         return False
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = cpuinfo.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def cpu_name() -> str:
@@ -64,7 +78,9 @@ def cpu_name() -> str:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    fast = sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    flags = flags or set(cpu_flags())
+    fast = sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                            "avx_vnni", "amx_bf16"))
     return f"{name} ({', '.join(fast) or 'no AVX2'})"
 
 

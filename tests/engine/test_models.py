@@ -254,3 +254,24 @@ def test_torchao_int8_loads_an_instruct_pix2pix_model_on_the_cpu(tiny_model_dir:
     assert np.abs(got - plain).mean() < 0.01 and not np.array_equal(got, plain)
     with pytest.raises(InvalidInput, match="gguf files hold a DiT transformer"):
         Editor(tiny_model_dir, device="cpu", quantization="gguf")
+
+
+def test_cpu_flags_without_proc_cpuinfo_come_from_pytorch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows and macOS have no /proc/cpuinfo: bf16 and VNNI are still recognised."""
+    import builtins
+
+    from engine import devices
+
+    real_open = builtins.open
+
+    def no_cpuinfo(path: object, *args: object, **kwargs: object) -> object:
+        if str(path) == "/proc/cpuinfo":
+            raise OSError("no such file")
+        return real_open(path, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {
+        "avx2": True, "avx512_f": True, "avx512_bf16": True, "avx_vnni": True, "amx_bf16": False,
+        "num_sockets": 1, "cpu_name": "Some CPU"})  # fmt: skip
+    flags = devices.cpu_flags.__wrapped__()
+    assert flags == {"avx2", "avx512f", "avx512_bf16", "avx_vnni"}

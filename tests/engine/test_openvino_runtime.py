@@ -252,3 +252,17 @@ def test_int8_runtime_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ov_runtime, "nncf_available", lambda: False)
     with pytest.raises(InvalidInput, match=r"nncf package .*cpu-int8"):
         resolve_runtime("openvino-int8", cpu, "sd-ip2p")
+
+
+def test_both_command_lines_offer_every_runtime() -> None:
+    from engine.cli import build_parser
+    from engine.runtimes import RUNTIMES
+
+    for command in (["edit", "in.png", "-i", "x", "-o", "out.png"], ["serve"]):
+        parser = build_parser()
+        action = next(
+            a
+            for a in parser._subparsers._group_actions[0].choices[command[0]]._actions
+            if "--runtime" in a.option_strings
+        )
+        assert tuple(action.choices) == RUNTIMES

@@ -235,6 +235,7 @@ def test_settings_round_trip(tmp_path: Path):
     assert settings_module.load(tmp_path / "missing.json") == settings_module.Settings()
     assert settings_module.Settings(engine_mode="managed").problems()  # no python path
     assert settings_module.Settings(engine_mode="remote", remote_url="box").problems()
+    assert settings_module.Settings(engine_mode="remote", cpu_runtime="onnx").problems()
 
 
 # --- client ---------------------------------------------------------------------------------------
@@ -397,3 +398,10 @@ def test_install_points_the_managed_engine_at_this_python_without_overriding_the
     settings_file.write_text(json.dumps({"python_path": "/mine/python", "device": "cpu"}))
     assert not install_plugin.point_managed_engine_at("/venv/bin/python", settings_file)
     assert json.loads(settings_file.read_text()) == {"python_path": "/mine/python", "device": "cpu"}
+
+
+def test_cpu_runtime_choices_are_the_engines():
+    from engine.runtimes import RUNTIMES
+
+    assert set(settings_module.CPU_RUNTIMES) <= set(RUNTIMES)
+    assert settings_module.Settings().cpu_runtime == "auto"

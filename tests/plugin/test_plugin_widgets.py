@@ -129,7 +129,7 @@ def test_cancel_during_an_edit(qtbot, panel, document):
 def test_managed_engine_starts_and_restarts_after_a_crash(qtbot, document, tiny_model_dir, tmp_path):
     state = EditState()
     settings = Settings(engine_mode=MANAGED, python_path=str(Path(sys.executable).parent.parent),
-                        device="cpu", engine_model=str(tiny_model_dir))
+                        device="cpu", engine_model=str(tiny_model_dir), cpu_runtime="torch")
     controller = EditController(state, lambda: KritaDocument(document), settings,
                                 settings_path=tmp_path / "settings.json")
     widget = EditPanel(controller)
@@ -138,6 +138,8 @@ def test_managed_engine_starts_and_restarts_after_a_crash(qtbot, document, tiny_
     state.on_change("connection_message", messages.append)
     controller.connect_engine()
     assert state.connection == "starting"
+    arguments = list(controller.engine._process.arguments())
+    assert arguments[arguments.index("--runtime") + 1] == "torch"  # the CPU runtime setting
     qtbot.waitUntil(lambda: state.connection == CONNECTED, timeout=90_000)
     first_url = controller.engine.url
     token_file = Path(str(controller.engine._token_dir)) / "token"
@@ -169,6 +171,9 @@ def test_settings_dialog_checks_and_returns_settings(qtbot):
     qtbot.addWidget(dialog)
     dialog._accept()
     assert "Python environment" in dialog.problem_label.text() and not dialog.result()
+    assert dialog.result_settings().cpu_runtime == "auto"
+    dialog.cpu_runtime.setCurrentIndex(dialog.cpu_runtime.findData("openvino-int8"))
+    assert dialog.result_settings().cpu_runtime == "openvino-int8"
     dialog.remote.setChecked(True)
     dialog.remote_url.setText("http://gpu-box:8765/")
     dialog.remote_token.setText(" tok ")

@@ -115,8 +115,10 @@ class EngineConnection(QObject):
             probe.deleteLater()
 
     def _start_managed(self, settings: settings_module.Settings) -> None:
+        runtime = [] if settings.cpu_runtime == "auto" else ["--runtime", settings.cpu_runtime]
         engine = ManagedEngine(settings.python_path, settings.device,
-                               settings.engine_model or None, self.parent_pid, parent=self)
+                               settings.engine_model or None, self.parent_pid,
+                               extra_args=runtime, parent=self)
         engine.status.connect(lambda text: self._set(STARTING, text))
         engine.started.connect(self._use_engine)
         engine.crashed.connect(self._engine_crashed)
