@@ -65,6 +65,9 @@ class Progress:
     step: int  # steps done so far, 1-based
     total: int
     preview: Image.Image | None = None  # cheap latent preview of variant 0, when asked for
+    # What the engine is doing before the steps start, when it takes long: converting a model
+    # for the CPU runtime or calibrating its int8 UNet on first use. None during the steps.
+    note: str | None = None
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -342,8 +345,15 @@ class Editor:
         inputs = RunInputs(image=working_input, instruction=instruction, steps=resolved.steps,
                            seeds=list(seeds), options=dict(resolved.options))
         if self._accelerator is not None:
+            def note(text: str) -> None:
+                if on_progress is not None:
+                    on_progress(Progress(step=0, total=resolved.steps, note=text))
+
+            def calibrate(networks: Any, index: int) -> None:
+                self._calibration_edit(networks, index, cancel)
+
             pipe.accelerated = self._accelerator.accelerate(pipe, self._lora_key,
-                                                            calibrate=self._calibration_edit)
+                                                            calibrate=calibrate, listener=note)
         try:
             results = family.run(pipe, inputs, StepHooks(step=step), self._execution_device())
         finally:  # the pipeline may be shared (benchmarks, tests): leave it as it was
@@ -353,9 +363,11 @@ class Editor:
             raise EditCancelled()
         return results
 
-    def _calibration_edit(self, networks: Any, index: int) -> None:
+    def _calibration_edit(self, networks: Any, index: int,
+                          cancel: threading.Event | None = None) -> None:
         """One short edit of drawn picture `index` through the family's own loop with these
-        networks (the int8 runtime records the UNet's inputs: engine/runtimes/calibration.py)."""
+        networks (the int8 runtime records the UNet's inputs: engine/runtimes/calibration.py).
+        A cancelled edit stops it between steps; nothing is kept, the next edit starts again."""
         from engine.runtimes.calibration import (
             CALIBRATION_INSTRUCTIONS,
             CALIBRATION_SIZE,
@@ -370,7 +382,11 @@ class Editor:
         pipe = self.pipe
         pipe.accelerated = networks
         try:
-            self.family.run(pipe, inputs, StepHooks(step=lambda *_: None), self._execution_device())
+            def step(*_: Any) -> None:
+                if cancel is not None and cancel.is_set():
+                    raise EditCancelled()
+
+            self.family.run(pipe, inputs, StepHooks(step=step), self._execution_device())
         finally:
             pipe.accelerated = None
 

@@ -68,7 +68,9 @@ class CompiledRuntime:
         self.backend = backend
         self._compiled: Compiled | None = None
 
-    def accelerate(self, pipe: Any, loras: str = "", calibrate: Any = None) -> Compiled:
+    def accelerate(
+        self, pipe: Any, loras: str = "", calibrate: Any = None, listener: Any = None
+    ) -> Compiled:
         if self._compiled is None or self._compiled.unet.unet is not pipe.unet:
             options: dict[str, Any] = {"backend": self.backend, "dynamic": True}
             if self.backend == "inductor" and self.mode != "default":

@@ -363,6 +363,8 @@ class OpenVINORuntime:
         self.threads = threads or torch.get_num_threads()
         self.report = report or log.info
         self._compiled: OrderedDict[str, Accelerated] = OrderedDict()
+        # Told, in a painter's words, what a long first use is doing (the edit's progress note).
+        self._listener: Callable[[str], None] | None = None
         self._base_prints: dict[int, tuple[torch.nn.Module, str]] = {}
         self._lock = threading.Lock()
 
@@ -377,42 +379,59 @@ class OpenVINORuntime:
         return hashlib.sha256(f"{known[1]}|{extra}".encode()).hexdigest()[:24]
 
     def accelerate(
-        self, pipe: Any, loras: str = "", calibrate: Calibrate | None = None
+        self,
+        pipe: Any,
+        loras: str = "",
+        calibrate: Calibrate | None = None,
+        listener: Callable[[str], None] | None = None,
     ) -> Accelerated:
         """The compiled networks for the pipeline's current weights (`loras` names the active
         adapters and strengths, which change the UNet's effective weights). The int8 runtime
-        needs `calibrate` the first time it meets a set of weights."""
+        needs `calibrate` the first time it meets a set of weights. `listener` hears what a
+        long first use is doing."""
         with self._lock:
-            unet_key = self._fingerprint(pipe, "unet", loras)
-            vae_key = self._fingerprint(pipe, "vae", "")
-            key = f"{unet_key}-{vae_key}-{self.precision}" + ("-int8" if self.int8_unet else "")
-            found = self._compiled.get(key)
-            if found is not None:
-                self._compiled.move_to_end(key)
-                return found
-            networks = {
-                "unet": self._network(pipe, "unet", unet_key),
-                "vae_encoder": self._network(pipe, "vae_encoder", vae_key),
-                "vae_decoder": self._network(pipe, "vae_decoder", vae_key),
-            }
-            accelerated = Accelerated(
-                key,
-                UNetOnOpenVINO(networks["unet"], pipe.unet),
-                VaeOnOpenVINO(networks["vae_encoder"], networks["vae_decoder"], pipe.vae),
-            )
-            if self.int8_unet:
-                self._use_int8_unet(pipe, unet_key, accelerated, calibrate)
-            self._prune(keep={self.cache_dir / unet_key, self.cache_dir / vae_key})
-            self._compiled[key] = accelerated
-            while len(self._compiled) > KEEP_COMPILED:
-                self._compiled.popitem(last=False)
-            return accelerated
+            self._listener = listener
+            try:
+                return self._accelerate(pipe, loras, calibrate)
+            finally:
+                self._listener = None
+
+    def _note(self, text: str) -> None:
+        if self._listener is not None:
+            self._listener(text)
+
+    def _accelerate(self, pipe: Any, loras: str, calibrate: Calibrate | None) -> Accelerated:
+        unet_key = self._fingerprint(pipe, "unet", loras)
+        vae_key = self._fingerprint(pipe, "vae", "")
+        key = f"{unet_key}-{vae_key}-{self.precision}" + ("-int8" if self.int8_unet else "")
+        found = self._compiled.get(key)
+        if found is not None:
+            self._compiled.move_to_end(key)
+            return found
+        networks = {
+            "unet": self._network(pipe, "unet", unet_key),
+            "vae_encoder": self._network(pipe, "vae_encoder", vae_key),
+            "vae_decoder": self._network(pipe, "vae_decoder", vae_key),
+        }
+        accelerated = Accelerated(
+            key,
+            UNetOnOpenVINO(networks["unet"], pipe.unet),
+            VaeOnOpenVINO(networks["vae_encoder"], networks["vae_decoder"], pipe.vae),
+        )
+        if self.int8_unet:
+            self._use_int8_unet(pipe, unet_key, accelerated, calibrate)
+        self._prune(keep={self.cache_dir / unet_key, self.cache_dir / vae_key})
+        self._compiled[key] = accelerated
+        while len(self._compiled) > KEEP_COMPILED:
+            self._compiled.popitem(last=False)
+        return accelerated
 
     def _network(self, pipe: Any, name: str, fingerprint: str) -> OpenVINONetwork:
         folder = self.cache_dir / fingerprint
         path = folder / f"{name}.xml"
         if not (path.is_file() and path.with_suffix(".bin").is_file()):
             started = time.perf_counter()
+            self._note("Converting the model for this CPU (first use only, about a minute)…")
             self.report(
                 f"OpenVINO: converting the {name.replace('_', ' ')} for this model "
                 "(first use only; cached in " + str(self.cache_dir) + ")"
@@ -485,11 +504,16 @@ class OpenVINORuntime:
         recording = Accelerated("calibration", recorder, accelerated.vae)
         per_picture = []
         for index in range(CALIBRATION_PICTURES):
+            self._note(
+                "Calibrating int8 for this model (first use only): "
+                f"test edit {index + 1} of {CALIBRATION_PICTURES}…"
+            )
             recorder.calls = []
             calibrate(recording, index)
             per_picture.append(recorder.calls)
         calibration = [inputs for calls in per_picture[:-1] for inputs, _ in calls]
         held_out = per_picture[-1]
+        self._note("Quantizing the model to int8 (first use only, a minute or two)…")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             quantized = nncf.quantize(

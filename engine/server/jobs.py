@@ -108,6 +108,7 @@ class Job:
     state: JobState = JobState.QUEUED
     step: int = 0
     total: int = 0
+    note: str | None = None  # what the engine does before the steps (Progress.note)
     started_mono: float | None = None
     first_step_mono: float | None = None
     started_at: float | None = None
@@ -386,11 +387,16 @@ class JobQueue:
     # --- progress and completion (called by workers) ----------------------------------------
 
     def report_progress(
-        self, job: Job, step: int, total: int, preview_b64: str | None = None
+        self,
+        job: Job,
+        step: int,
+        total: int,
+        preview_b64: str | None = None,
+        note: str | None = None,
     ) -> None:
         with self._lock:
-            job.step, job.total = step, total
-            if job.first_step_mono is None:
+            job.step, job.total, job.note = step, total, note
+            if job.first_step_mono is None and note is None:
                 job.first_step_mono = self._clock()
             if preview_b64 is not None:
                 job.preview_b64 = preview_b64

@@ -318,6 +318,12 @@ class JobProgress(BaseModel):
     total: int
     fraction: float = Field(ge=0, le=1)
     eta_s: float | None = Field(description="Estimated seconds left while running.")
+    note: str | None = Field(
+        default=None,
+        description="What the engine is doing before the steps start, when that takes long "
+        "(converting a model for the CPU runtime or calibrating int8 on its first use), in "
+        "words for the painter; null during the steps.",
+    )
 
 
 class ResultInfo(BaseModel):

@@ -245,6 +245,7 @@ class Service:
                     total=job.total,
                     fraction=min(1.0, job.step / total),
                     eta_s=job.eta_s(now),
+                    note=job.note if job.state is JobState.RUNNING else None,
                 ),
                 error=job.error,
                 error_field=job.error_field,

@@ -343,7 +343,8 @@ class DeviceWorker(threading.Thread):
         def on_progress(progress: Any) -> None:
             preview = getattr(progress, "preview", None)
             thumb = thumbnail_base64(preview, PREVIEW_MAX_SIDE) if preview is not None else None
-            self.queue.report_progress(job, progress.step, progress.total, thumb)
+            note = getattr(progress, "note", None)
+            self.queue.report_progress(job, progress.step, progress.total, thumb, note)
 
         extra: dict[str, Any] = {}
         if _takes_on_variant(editor):

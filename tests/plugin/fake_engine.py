@@ -162,6 +162,7 @@ class FakeEngine:
         self.legacy = False  # an engine from before raw pixels: PNG uploads, PNG results only
         self.bad_preview: str | None = None  # sent as preview_png in progress events
         self.bad_progress: Any = None  # sent as progress.step in events
+        self.first_use_note: str | None = None  # a progress note (step 0) before the steps
         self.extra_results = 0  # the status lists this many more results than made
         self.result_size_delta = 0  # results this many pixels wider than the upload
         self.stall_events = False  # the event stream goes quiet after one event
@@ -293,6 +294,13 @@ class FakeEngine:
                 self.send_header("Content-Type", "text/event-stream")
                 self.end_headers()
                 total = job["params"].get("steps") or 4
+                if engine.first_use_note is not None:
+                    job["state"] = "running"
+                    event = engine.status(job)
+                    event["progress"]["note"] = engine.first_use_note
+                    self.wfile.write(f"event: progress\ndata: {json.dumps(event)}\n\n".encode())
+                    self.wfile.flush()
+                    time.sleep(0.3)
                 for step in range(1, total + 1):
                     if job["state"] == "cancelled":
                         break

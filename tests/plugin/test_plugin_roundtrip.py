@@ -223,6 +223,17 @@ def test_malformed_answers_fail_the_edit_with_a_message(fake_krita, fake_engine,
     controller.shutdown()
 
 
+def test_the_engines_first_use_note_is_shown_until_the_steps_start(fake_krita, fake_engine, tmp_path):
+    _document, state, controller = small_setup(fake_krita, fake_engine, tmp_path)
+    fake_engine.first_use_note = "Converting the model for this CPU (first use only, about a minute)…"
+    seen = []
+    state.on_change("engine_note", seen.append, now=False)
+    run_edit(state, controller, timeout=15)
+    assert state.job_state == "done", state.error
+    assert seen[0] == fake_engine.first_use_note and state.engine_note == ""
+    controller.shutdown()
+
+
 def test_a_stalled_event_stream_is_noticed(fake_krita, fake_engine, tmp_path, monkeypatch):
     monkeypatch.setattr(jobs_module, "WATCHDOG_MS", 300)
     _document, state, controller = small_setup(fake_krita, fake_engine, tmp_path)

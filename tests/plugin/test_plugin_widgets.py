@@ -119,6 +119,9 @@ def test_cancel_during_an_edit(qtbot, panel, document):
     panel.edit_button.click()
     qtbot.waitUntil(lambda: panel.state.job_state == "running" and panel.state.step >= 1, timeout=60_000)
     assert "left" in panel.progress.format()
+    panel.state.engine_note = "Converting the model for this CPU (first use only)…"
+    assert panel.progress.format() == panel.state.engine_note  # said instead of the steps
+    panel.state.engine_note = ""
     panel.cancel_button.click()
     assert panel.state.job_state == "cancelled" and panel.edit_button.isEnabled()
     qtbot.wait(300)

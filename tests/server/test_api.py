@@ -20,6 +20,7 @@ from service_helpers import (
     wait_finished,
 )
 
+from engine.editor import Progress
 from engine.errors import InvalidInput, ModelNotFound, OutOfMemory
 from engine.manifest import API_VERSION, DEFAULT_MODEL, MANIFEST
 
@@ -559,3 +560,29 @@ def test_openapi_describes_every_route_and_the_token(client_factory):
         "text/event-stream"
         in schema["paths"]["/v1/edits/{job_id}/events"]["get"]["responses"]["200"]["content"]
     )
+
+
+def test_a_long_first_use_is_named_in_the_progress_note_until_the_steps_start(client_factory):
+    release = threading.Event()
+    seen: list[dict] = []
+
+    class Converting(FakeEditor):
+        def edit(self, image, params, mask=None, *, on_progress=None, **kwargs):
+            on_progress(Progress(step=0, total=params.steps, note="Converting the model…"))
+            assert release.wait(10)
+            return super().edit(image, params, mask, on_progress=on_progress, **kwargs)
+
+    client = client_factory(lambda model, device: Converting(model, device))
+    job = submit(client, {"instruction": "x", "steps": 2}).json()["id"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        seen.append(client.get(f"/v1/edits/{job}", headers=AUTH).json())
+        if seen[-1]["progress"]["note"]:
+            break
+        time.sleep(0.02)
+    assert seen[-1]["state"] == "running"
+    assert seen[-1]["progress"] == {"step": 0, "total": 2, "fraction": 0.0, "eta_s": None,
+                                    "note": "Converting the model…"}  # fmt: skip
+    release.set()
+    done = wait_finished(client, job)
+    assert done["state"] == "done" and done["progress"]["note"] is None

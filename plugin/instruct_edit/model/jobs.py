@@ -158,6 +158,7 @@ class EditJob(QObject):
         known = [s for s in self.shares if s is not None]
         state.step, state.total_steps = 0, sum(known) if len(known) == len(self.shares) else 0
         state.seconds_left = -1.0
+        state.engine_note = ""
         state.job_state = PREPARING
         if self.region.bgra is not None:  # already read (tests, benchmarks)
             self._later(self._encode)
@@ -297,9 +298,15 @@ class EditJob(QObject):
         return picture
 
     def _read_progress(self, progress: dict[str, Any]) -> None:
+        note = progress.get("note")
+        self.state.engine_note = note[:200] if isinstance(note, str) else ""
         step = _int_or_none(progress.get("step"), "step")
         total = _int_or_none(progress.get("total"), "total")
         if step is None or total is None or total <= 0:
+            return
+        if self.state.engine_note:
+            # Before the steps (a first-use conversion): running, but no rate to measure yet.
+            self.state.job_state = RUNNING
             return
         if not 0 <= step <= total:
             raise JobFailed(f"The engine reported step {step} of {total}; update the engine.")
@@ -494,6 +501,7 @@ class EditJob(QObject):
         state.preview = None
         state.step = state.total_steps
         state.seconds_left = 0.0
+        state.engine_note = ""
         state.job_state = DONE
         seconds = time.monotonic() - self.started
         count = len(self.layers)
@@ -537,6 +545,7 @@ class EditJob(QObject):
             self.client.cancel(self.job_id, lambda _: None, lambda _: None)
         self._release()
         self.state.preview = None
+        self.state.engine_note = ""
         self.state.job_state = ERROR
         self.state.error, self.state.error_field = message, field_name or ""
 

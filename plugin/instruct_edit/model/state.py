@@ -63,6 +63,7 @@ class EditState(Observable):
     step = Field(0)
     total_steps = Field(0)
     seconds_left = Field(-1.0)  # -1 = unknown
+    engine_note = Field("")  # what the engine does before the steps (first-use conversion …)
     preview = Field(None)  # a QImage while streaming, else None
     error = Field("")  # inline message for the painter; "" = none
     error_field = Field("")  # which input it concerns, for highlighting

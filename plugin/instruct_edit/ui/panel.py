@@ -208,7 +208,7 @@ class EditPanel(QtWidgets.QWidget):
         layout.addWidget(self.provenance_box)
         layout.addStretch(1)
 
-        for name in ("job_state", "step", "total_steps", "seconds_left"):
+        for name in ("job_state", "step", "total_steps", "seconds_left", "engine_note"):
             state.on_change(name, lambda _v: self._show_progress(), now=False, owner=self)
         self._show_progress()
         state.on_change("connection", lambda _v: self._show_connection(), owner=self)
@@ -366,6 +366,8 @@ class EditPanel(QtWidgets.QWidget):
             text = "Waiting for the engine…"
         elif state.job_state == RECEIVING:
             text = "Adding the result layers…"
+        elif busy and state.engine_note:
+            text = state.engine_note
         elif busy:
             left = f" · {state.seconds_left:.0f} s left" if state.seconds_left >= 0 else ""
             text = f"Step {state.step} of {state.total_steps}{left}"
