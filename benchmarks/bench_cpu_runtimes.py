@@ -101,7 +101,9 @@ def main() -> None:
     with PeakRSS() as convert_peak:
         ov_engine = Editor.from_pipeline(engine_pipe, device="cpu", dtype=args.dtype,
                                          runtime="openvino")
-        warm = np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)
+        # Warm up at the measured size: under an ISA cap OpenVINO's dynamic-shape UNet crashes
+        # at most sizes but multiples of 256 px (benchmarks/README.md, issue 13).
+        warm = np.random.default_rng(1).random((args.resolution, args.resolution, 3)).astype(np.float32)
         ov_engine.edit_working_size(warm, _params(1))
     print(f"OpenVINO first use (convert + compile UNet and VAE, {ov_engine._accelerator.precision}): "
           f"{time.perf_counter() - started:.0f} s, peak RSS {convert_peak.peak / 2**30:.1f} GiB; "

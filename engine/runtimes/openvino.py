@@ -99,7 +99,11 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     config = getattr(module, "config", None)
     if config is not None:
-        digest.update(json.dumps(dict(config), sort_keys=True, default=str).encode())
+        # diffusers' `_use_default_values` is a list made from a set: its order follows the
+        # process's string hash seed, so it would change the digest (and miss the export
+        # cache) on every start. It names defaults only; the values themselves are hashed.
+        settings = {k: v for k, v in dict(config).items() if k != "_use_default_values"}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
         flat = tensor.detach().reshape(-1)
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())

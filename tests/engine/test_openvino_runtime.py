@@ -266,3 +266,40 @@ def test_both_command_lines_offer_every_runtime() -> None:
             if "--runtime" in a.option_strings
         )
         assert tuple(action.choices) == RUNTIMES
+
+
+def test_the_weights_fingerprint_is_the_same_in_every_process(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A print that changed with Python's hash seed would miss the export cache (a new
+    conversion, a minute or more) on every engine start. diffusers lists the config keys a
+    folder left out (`_use_default_values`) in set order, which follows the hash seed."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    unet_dir = tmp_path / "unet"
+    shutil.copytree(tiny_model_dir / "unet", unet_dir)
+    config = json.loads((unet_dir / "config.json").read_text())
+    for key in ("upcast_attention", "resnet_time_scale_shift", "time_embedding_type",
+                "dual_cross_attention", "use_linear_projection", "class_embed_type"):  # fmt: skip
+        config.pop(key, None)
+    (unet_dir / "config.json").write_text(json.dumps(config))
+
+    script = (
+        "import sys; from diffusers import UNet2DConditionModel;"
+        "from engine.runtimes.openvino import weights_fingerprint;"
+        "unet = UNet2DConditionModel.from_pretrained(sys.argv[1]);"
+        "assert len(unet.config['_use_default_values']) > 3;"
+        "print(weights_fingerprint(unet))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    prints = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
+        out = subprocess.run([sys.executable, "-c", script, str(unet_dir)], env=env,
+                             capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
+        prints.add(out.stdout.strip().splitlines()[-1])
+    assert len(prints) == 1, prints
