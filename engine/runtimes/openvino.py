@@ -20,6 +20,7 @@ A held-out picture checks the result: above `MAX_INT8_RELATIVE_ERROR` the float 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -412,18 +413,17 @@ class OpenVINORuntime:
         if found is not None:
             self._compiled.move_to_end(key)
             return found
-        networks = {
-            "unet": self._network(pipe, "unet", unet_key),
-            "vae_encoder": self._network(pipe, "vae_encoder", vae_key),
-            "vae_decoder": self._network(pipe, "vae_decoder", vae_key),
-        }
-        accelerated = Accelerated(
-            key,
-            UNetOnOpenVINO(networks["unet"], pipe.unet),
-            VaeOnOpenVINO(networks["vae_encoder"], networks["vae_decoder"], pipe.vae),
+        vae = VaeOnOpenVINO(
+            self._network(pipe, "vae_encoder", vae_key),
+            self._network(pipe, "vae_decoder", vae_key),
+            pipe.vae,
         )
         if self.int8_unet:
-            self._use_int8_unet(pipe, unet_key, accelerated, calibrate)
+            accelerated = self._with_int8_unet(pipe, key, unet_key, vae, calibrate)
+        else:
+            accelerated = Accelerated(
+                key, UNetOnOpenVINO(self._network(pipe, "unet", unet_key), pipe.unet), vae
+            )
         self._prune(keep={self.cache_dir / unet_key, self.cache_dir / vae_key})
         self._compiled[key] = accelerated
         while len(self._compiled) > KEEP_COMPILED:
@@ -431,6 +431,10 @@ class OpenVINORuntime:
         return accelerated
 
     def _network(self, pipe: Any, name: str, fingerprint: str) -> OpenVINONetwork:
+        return self._compile(self._exported(pipe, name, fingerprint))
+
+    def _exported(self, pipe: Any, name: str, fingerprint: str) -> Path:
+        """The IR of network `name` for these weights, converted on first use."""
         folder = self.cache_dir / fingerprint
         path = folder / f"{name}.xml"
         if not (path.is_file() and path.with_suffix(".bin").is_file()):
@@ -447,7 +451,7 @@ class OpenVINORuntime:
             )
         else:
             os.utime(folder)  # most recently used: pruned last
-        return self._compile(path)
+        return path
 
     def _compile(self, path: Path) -> OpenVINONetwork:
         config = {
@@ -459,25 +463,32 @@ class OpenVINORuntime:
 
     # -------------------------------------------------------------------------- int8 UNet
 
-    def _use_int8_unet(
-        self, pipe: Any, fingerprint: str, accelerated: Accelerated, calibrate: Calibrate | None
-    ) -> None:
-        """Swap in the int8 UNet (quantizing it on first use) if it passed its check."""
-        folder = self.cache_dir / fingerprint
-        path, verdict = folder / "unet_int8.xml", folder / "unet_int8.json"
+    def _with_int8_unet(
+        self,
+        pipe: Any,
+        key: str,
+        fingerprint: str,
+        vae: VaeOnOpenVINO,
+        calibrate: Calibrate | None,
+    ) -> Accelerated:
+        """The networks with the int8 UNet (quantized on first use) if it passed its check,
+        else with the float one. Only one UNet is compiled at a time: each holds its own copy
+        of the weights (3.4 GB in f32)."""
+        source = self._exported(pipe, "unet", fingerprint)
+        path, verdict = source.with_name("unet_int8.xml"), source.with_name("unet_int8.json")
         if not (path.is_file() and path.with_suffix(".bin").is_file() and verdict.is_file()):
             if calibrate is None:
                 raise RuntimeError("the int8 UNet has to be calibrated: pass `calibrate`")
-            self._quantize_unet(pipe, folder / "unet.xml", path, verdict, accelerated, calibrate)
+            self._quantize_unet(pipe, source, path, verdict, vae, calibrate)
         error = float(json.loads(verdict.read_text(encoding="utf-8"))["relative_error"])
         if error > MAX_INT8_RELATIVE_ERROR:
             self.report(
                 f"OpenVINO: this model's int8 UNet changed the UNet's output by {error:.1%} on "
                 f"held-out steps (more than {MAX_INT8_RELATIVE_ERROR:.0%}): keeping the float UNet"
             )
-            return
-        accelerated.unet = UNetOnOpenVINO(self._compile(path), pipe.unet)
-        accelerated.int8_error = error
+            return Accelerated(key, UNetOnOpenVINO(self._compile(source), pipe.unet), vae)
+        unet = UNetOnOpenVINO(self._compile(path), pipe.unet)
+        return Accelerated(key, unet, vae, int8_error=error)
 
     def _quantize_unet(
         self,
@@ -485,7 +496,7 @@ class OpenVINORuntime:
         source: Path,
         target: Path,
         verdict: Path,
-        accelerated: Accelerated,
+        vae: VaeOnOpenVINO,
         calibrate: Calibrate,
     ) -> None:
         import nncf
@@ -502,10 +513,8 @@ class OpenVINORuntime:
             "OpenVINO: quantizing the UNet to int8 for this model (first use only): recording "
             f"{CALIBRATION_PICTURES} short edits of drawn pictures, then calibrating"
         )
-        float_unet = accelerated.unet
-        assert isinstance(float_unet, UNetOnOpenVINO)
-        recorder = UNetRecorder(float_unet)
-        recording = Accelerated("calibration", recorder, accelerated.vae)
+        recorder = UNetRecorder(UNetOnOpenVINO(self._compile(source), pipe.unet))
+        recording = Accelerated("calibration", recorder, vae)
         per_picture = []
         for index in range(CALIBRATION_PICTURES):
             self._note(
@@ -517,6 +526,8 @@ class OpenVINORuntime:
             per_picture.append(recorder.calls)
         calibration = [inputs for calls in per_picture[:-1] for inputs, _ in calls]
         held_out = per_picture[-1]
+        del recorder, recording  # the float UNet's weights go before NNCF makes its own copies
+        gc.collect()
         self._note("Quantizing the model to int8 (first use only, a minute or two)…")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
