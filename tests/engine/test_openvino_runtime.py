@@ -303,3 +303,33 @@ def test_the_weights_fingerprint_is_the_same_in_every_process(
                              capture_output=True, text=True, timeout=120, check=True)  # fmt: skip
         prints.add(out.stdout.strip().splitlines()[-1])
     assert len(prints) == 1, prints
+
+
+def test_without_the_memory_to_calibrate_the_float_unet_is_used_and_int8_tried_later(
+    cache: Path, small_calibration: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import engine.runtimes.openvino as ov_runtime
+
+    monkeypatch.setattr(ov_runtime, "MAX_INT8_RELATIVE_ERROR", TINY_INT8_RELATIVE_ERROR)
+    monkeypatch.setattr(ov_runtime, "available_memory", lambda: 1024)
+    image = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32)
+    floating = Editor.from_pipeline(build_tiny_pipeline(), device="cpu", dtype="fp32",
+                                    runtime="openvino")  # fmt: skip
+    wanting = Editor.from_pipeline(build_tiny_pipeline(), device="cpu", dtype="fp32",
+                                   runtime="openvino-int8")  # fmt: skip
+    messages: list[str] = []
+    wanting._accelerator.report = messages.append
+    notes: list[str | None] = []
+    params = _params()
+    got = wanting.edit_working_size(image, params, on_progress=lambda p: notes.append(p.note))
+    assert np.array_equal(got[0], _edit(floating, image, params)[0])
+    assert any("free memory" in m for m in messages) and any(n and "memory" in n for n in notes)
+    assert not list(cache.rglob("unet_int8*"))  # nothing written: tried again later
+    # Later, with the memory free, the int8 UNet is made and used.
+    monkeypatch.setattr(ov_runtime, "available_memory", lambda: None)
+    monkeypatch.setattr(ov_runtime, "INT8_RETRY_S", 0.0)
+    for accelerated in wanting._accelerator._compiled.values():
+        accelerated.retry_after = 0.0
+    quantized = _edit(wanting, image, params)[0]
+    assert np.abs(quantized - got[0]).mean() > 0
+    assert sorted(p.name for p in cache.rglob("unet_int8*"))[0] == "unet_int8.bin"

@@ -53,7 +53,8 @@ class SettingsDialog(QtWidgets.QDialog):
         self.cpu_runtime.setToolTip(
             "How InstructPix2Pix models run without a GPU. int8 is about 3× faster on recent "
             "CPUs (Intel 11th gen / Ice Lake and later, AMD Zen 4 and later) and changes results "
-            "slightly; its first edit per model calibrates it (a few minutes, then cached).")
+            "slightly; its first edit per model calibrates it (a few minutes and about 13 GB of free "
+            "memory, once; then cached).")
         managed_form.addRow("On the CPU", self.cpu_runtime)
         layout.addLayout(managed_form)
 
