@@ -38,6 +38,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +78,12 @@ CONTENDERS: dict[str, str] = {
     "openvino-int8-bf16": "openvino",
 }
 REFERENCE = "torch-fp32"
+# Contenders compared with each other for the "fastest" lines (same number format class).
+PRECISION_CLASSES = {
+    "fp32": ["torch-fp32", "inductor-fp32", "ort-fp32", "openvino-f32"],
+    "bf16": ["torch-bf16", "inductor-bf16", "openvino-bf16"],
+    "int8": [n for n in CONTENDERS if "int8" in n],
+}
 # The packages each group needs (a missing one is reported, not raised).
 GROUP_PACKAGES = {
     "torch": [],
@@ -365,7 +372,8 @@ class Bench:
         # What OpenVINO actually runs (it may fall back from a hinted bf16).
         effective = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         network = OpenVINONetwork(compiled)
-        return (lambda: network(*self.inputs)), f"runs {effective}"
+        # The IR stores weights in fp16 (the engine's choice): f32 differs from PyTorch by that.
+        return (lambda: network(*self.inputs)), f"runs {effective}, fp16-stored IR"
 
     def _check_ov(self) -> None:
         missing = _missing(["openvino"])
@@ -470,7 +478,9 @@ def run_group(group: str, names: list[str], args: argparse.Namespace) -> list[di
             print(f"[{group}] {name}: not installed ({missing})", flush=True)
             continue
         except Exception as error:
-            message = (str(error).strip().splitlines() or [""])[0][:300]
+            # First and last lines: OpenVINO's errors open with a location, end with the cause.
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+            message = lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}"
             row["status"] = f"failed: {type(error).__name__}: {message}"
             print(f"[{group}] {name} failed:\n{traceback.format_exc()}", flush=True)
             release_memory()
@@ -546,10 +556,14 @@ def main() -> None:
         )
 
     if args.group:  # a child process: one group, rows to a JSON file
+        # Dynamo's notes on diffusers' lru_cache'd version checks are harmless and many.
+        warnings.filterwarnings("ignore", message="Dynamo detected a call")
         rows = run_group(args.group, names, args)
         Path(args.result).write_text(json.dumps(rows))
         return
 
+    # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so a running group is ended with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cap = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY",
                                       "MKL_ENABLE_INSTRUCTIONS") if k in os.environ}  # fmt: skip
     print(
@@ -580,10 +594,16 @@ def main() -> None:
             result = Path(scratch) / "rows.json"
             command = [sys.executable, __file__, *sys.argv[1:], "--group", group,
                        "--result", str(result), "--contenders", ",".join(members)]  # fmt: skip
-            done = subprocess.run(command, check=False)
-            if done.returncode != 0 or not result.is_file():
+            child = subprocess.Popen(command)
+            try:
+                returncode = child.wait()
+            except BaseException:  # Ctrl-C, a timeout's SIGTERM: the group's process goes too
+                child.kill()
+                child.wait()
+                raise
+            if returncode != 0 or not result.is_file():
                 rows += [{"name": n, "group": group,
-                          "status": f"failed: the group's process exited with {done.returncode}"}
+                          "status": f"failed: the group's process exited with {returncode}"}
                          for n in members]  # fmt: skip
                 continue
             rows += json.loads(result.read_text())
@@ -614,6 +634,12 @@ def main() -> None:
     print("\nfirst call: build/convert/compile + the first call; ratio: to torch-fp32 of the same "
           "group (process); rel. error: mean|Δ| / mean|ref| of the output noise; peak RSS: the "
           "group's process (torch-fp32's weights included); held: RSS added by the contender")  # fmt: skip
+    # Ratios, not seconds, are compared across groups: each is to torch-fp32 timed alongside.
+    for precision, members in PRECISION_CLASSES.items():
+        measured = [r for r in rows if r["name"] in members and r.get("status") == "ok"]
+        if measured:
+            best = min(measured, key=lambda r: r["ratio"])
+            print(f"fastest {precision}: {best['name']} ({best['ratio']:.2f}× torch-fp32's time)")
 
 
 if __name__ == "__main__":
