@@ -141,9 +141,9 @@ def test_managed_engine_starts_and_restarts_after_a_crash(qtbot, document, tiny_
     state.on_change("connection_message", messages.append)
     controller.connect_engine()
     assert state.connection == "starting"
+    qtbot.waitUntil(lambda: state.connection == CONNECTED, timeout=90_000)
     arguments = list(controller.engine._process.arguments())
     assert arguments[arguments.index("--runtime") + 1] == "torch"  # the CPU runtime setting
-    qtbot.waitUntil(lambda: state.connection == CONNECTED, timeout=90_000)
     first_url = controller.engine.url
     token_file = Path(str(controller.engine._token_dir)) / "token"
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
