@@ -136,7 +136,7 @@ def test_submit_stream_and_fetch_results(client_factory):
     steps = [data["progress"]["step"] for name, data in events if name == "progress"]
     # Updates may coalesce (a stream sends the latest state), but they never go backwards.
     assert steps == sorted(steps) and len(steps) >= 2
-    assert events[-1][1]["progress"] == {"step": 3, "total": 3, "fraction": 1.0, "eta_s": None}
+    assert events[-1][1]["progress"] == {"step": 3, "total": 3, "fraction": 1.0, "eta_s": None, "note": None}
     assert any(data["preview_png"] for _, data in events), "asked for previews, got none"
     running = [
         data for _, data in events if data["state"] == "running" and data["progress"]["step"] == 1
